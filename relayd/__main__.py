@@ -1,0 +1,3 @@
+from .cli import relayd_main
+
+raise SystemExit(relayd_main())

@@ -1,0 +1,76 @@
+"""Entry points: ``relayd`` (the daemon) and ``relayctl`` (the operator client)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from . import __version__, config, maillog
+from .errors import ConfigError
+
+RELAYD_EPILOG = """\
+config file lookup: -c PATH, else $RELAYD_CONFIG, else /etc/relayd/relayd.yaml,
+else the embedded default (SMTP on 127.0.0.1:2587 without TLS, state in
+./relayd-data/, admin socket ./relayd-data/admin.sock, metrics on
+127.0.0.1:9587).
+
+signals: SIGHUP reloads the config (all or nothing); SIGTERM/SIGINT drain
+(stop accepting, let sessions in progress finish up to drain_timeout, exit 0);
+a second SIGTERM/SIGINT exits at once.
+
+Every key is documented in config/relayd.yaml of the source tree.
+"""
+
+
+def relayd_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="relayd",
+        description="SMTP submission relay: authenticates generated SMTP users, enforces "
+                    "their quotas and forwards mail through the owner's upstream SMTP servers.",
+        epilog=RELAYD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", metavar="PATH", help="YAML config file")
+    p.add_argument("--check", action="store_true",
+                   help="validate the config, print every error with its YAML path, "
+                        "exit 0 (valid) or 1 (invalid), like nginx -t")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective config (defaults filled in, secrets masked) and exit")
+    p.add_argument("--version", action="version", version=f"relayd {__version__}")
+    return p
+
+
+def relayd_main(argv: list[str] | None = None) -> int:
+    args = relayd_parser().parse_args(argv)
+    source = config.locate(args.config)
+    try:
+        cfg = source.load()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{exc.source}: {problem}", file=sys.stderr)
+        if args.check:
+            print(f"relayd: configuration {exc.source} is invalid", file=sys.stderr)
+        return 1
+    if args.check:
+        print(f"relayd: configuration {source} is valid")
+        return 0
+    if args.print_config:
+        import yaml
+        print(yaml.safe_dump(config.effective(cfg), sort_keys=False), end="")
+        return 0
+    # Every file relayd creates (database, journal, sockets) starts private;
+    # the admin socket is then chmod-ed to admin.mode explicitly.
+    os.umask(0o077)
+    maillog.setup(cfg.log_level)
+    from . import daemon
+    maillog.event(daemon.log, 20, "config", source=str(source),
+                  effective=config.effective(cfg))
+    try:
+        return asyncio.run(daemon.run(cfg, source))
+    except KeyboardInterrupt:
+        return 0
+
+
+def relayctl_main(argv: list[str] | None = None) -> int:
+    from .ctl import main
+    return main(argv)

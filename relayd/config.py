@@ -1,0 +1,345 @@
+"""The configuration schema: every key, its default and its bounds, in one place.
+
+relayd reads one YAML file. Loading is strict (chasquid's rule, not hypercorn's):
+an unknown key or a value of the wrong type is an error that names its YAML
+path and quotes the value, e.g. ``limits.bogus_key: unknown key``. The same
+loader serves start-up, ``--check`` and SIGHUP, so the three can never disagree.
+
+Durations are numbers of seconds; addresses are ``"host:port"`` strings
+(``"[::1]:587"`` for IPv6).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import ssl
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError
+
+DEFAULT_PATH = "/etc/relayd/relayd.yaml"
+ENV_VAR = "RELAYD_CONFIG"
+
+PositiveInt = Annotated[int, Field(gt=0, lt=2**63)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """Split ``"host:port"`` / ``"[v6]:port"``; raise ValueError with a reason."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]\s]+):(\d{1,5})", value)
+    if not m:
+        raise ValueError(f'expected "host:port", got {value!r}')
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 0-65535")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+HostPort = Annotated[str, Field(description='"host:port"')]
+
+
+class Strict(BaseModel):
+    # strict: YAML "587" is not a port, "yes" is not silently a bool.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _check_hostport(value: str | None) -> str | None:
+    if value is not None:
+        parse_hostport(value)
+    return value
+
+
+class Listener(Strict):
+    address: HostPort
+    tls: Literal["none", "starttls", "implicit"] = "starttls"
+    auth_require_tls: bool = True
+
+    _addr = field_validator("address")(_check_hostport)
+
+    @property
+    def host(self) -> str:
+        return parse_hostport(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_hostport(self.address)[1]
+
+    @model_validator(mode="after")
+    def _plain_auth_only_on_loopback(self) -> Listener:
+        # SPEC 3.1: AUTH without TLS is allowed only on loopback listeners.
+        if not self.auth_require_tls and self.tls != "implicit" and not is_loopback(self.host):
+            raise ValueError(
+                "auth_require_tls: false is only allowed on a loopback address "
+                f"(got {self.address!r}); passwords would cross the network in clear"
+            )
+        return self
+
+
+class TLSFiles(Strict):
+    cert: str
+    key: str
+
+
+class Admin(Strict):
+    socket: str = "./relayd-data/admin.sock"
+    mode: str = "0660"
+    listen: HostPort | None = None
+
+    _addr = field_validator("listen")(_check_hostport)
+
+    @field_validator("mode")
+    @classmethod
+    def _octal(cls, v: str) -> str:
+        if not re.fullmatch(r"0?[0-7]{3}", v):
+            raise ValueError(f'expected an octal mode string like "0660", got {v!r}')
+        return v
+
+    @property
+    def mode_bits(self) -> int:
+        return int(self.mode, 8)
+
+
+class Metrics(Strict):
+    listen: HostPort | None = "127.0.0.1:9587"
+
+    _addr = field_validator("listen")(_check_hostport)
+
+
+class Limits(Strict):
+    max_message_size: PositiveInt = 26_214_400     # 25 MiB, as most providers
+    max_recipients: PositiveInt = 100              # RFC 5321 4.5.3.1.8 minimum
+    # Abuse bounds (Postfix has the same knobs; see README "Abuse limits").
+    max_sessions: PositiveInt = 1000               # concurrent SMTP sessions
+    max_sessions_per_ip: PositiveInt = 50          # concurrent sessions per client IP
+    max_errors: PositiveInt = 20                   # like smtpd_hard_error_limit
+
+
+class AuthFailures(Strict):
+    max: PositiveInt = 5
+    window: Seconds = 600
+
+
+class Failover(Strict):
+    max_errors: PositiveInt = 5
+    cooldown: Annotated[float, Field(ge=0)] = 300
+    max_attempts: PositiveInt = 3
+    deadline: Seconds = 60
+
+
+class Timeouts(Strict):
+    connect: Seconds = 10     # upstream TCP connect + TLS + greeting
+    command: Seconds = 30     # each upstream reply
+    session: Seconds = 300    # idle client (RFC 5321 4.5.3.2.7 says 5 minutes)
+
+
+def _no_crlf(v: str | None) -> str | None:
+    if v is not None and ("\r" in v or "\n" in v or "\0" in v):
+        raise ValueError("must not contain CR, LF or NUL")
+    return v
+
+
+class UpstreamSpec(Strict):
+    """An upstream SMTP server: the fields of SPEC 2, as YAML spells them."""
+
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)]
+    username: str | None = None
+    password: str | None = None
+    auth: bool = False
+    startstls: bool = False
+    ssltls: bool = False
+    verify_tls: bool = True
+    debug: bool = False
+    priority: Annotated[int, Field(ge=0, lt=2**63)] = 10
+    defaultfromemail: str | None = None
+    defaultfromname: str | None = None
+    allowed_domains: list[str] | None = None
+
+    _crlf = field_validator(
+        "host", "username", "password", "defaultfromemail", "defaultfromname"
+    )(_no_crlf)
+
+    @model_validator(mode="after")
+    def _one_tls_mode(self) -> UpstreamSpec:
+        if self.startstls and self.ssltls:
+            raise ValueError("startstls and ssltls are mutually exclusive")
+        if self.auth and not self.username:
+            raise ValueError("auth: true needs a username")
+        return self
+
+
+class Config(Strict):
+    listen: list[Listener] = Field(
+        default_factory=lambda: [
+            Listener(address="127.0.0.1:2587", tls="none", auth_require_tls=False)
+        ],
+        min_length=1,
+    )
+    tls: TLSFiles | None = None
+    hostname: str | None = None   # EHLO/banner name; default: this machine's name
+    state_dir: str = "./relayd-data"
+    database: str | None = None
+    admin: Admin = Field(default_factory=Admin)
+    metrics: Metrics = Field(default_factory=Metrics)
+    limits: Limits = Field(default_factory=Limits)
+    auth_failures: AuthFailures = Field(default_factory=AuthFailures)
+    failover: Failover = Field(default_factory=Failover)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    drain_timeout: Annotated[float, Field(ge=0)] = 30
+    system_smtps: list[UpstreamSpec] = Field(default_factory=list)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _tls_files_when_needed(self) -> Config:
+        for i, lst in enumerate(self.listen):
+            if lst.tls != "none" and self.tls is None:
+                raise ValueError(
+                    f"listen[{i}] uses tls: {lst.tls}, so tls.cert and tls.key are required"
+                )
+        return self
+
+    @property
+    def database_path(self) -> Path:
+        return Path(self.database) if self.database else Path(self.state_dir) / "relayd.db"
+
+
+# --------------------------------------------------------------------------
+# Loading
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _describe(err: dict[str, Any]) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if err["type"] == "missing":
+        return "required key is missing"
+    msg = err["msg"]
+    msg = msg.removeprefix("Value error, ")
+    if err["type"] not in ("value_error",) and "input" in err:
+        value = err["input"]
+        if not isinstance(value, (dict, list)):
+            msg += f" (got {value!r})"
+    return msg
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    out = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        out.append(f"{_loc(loc)}: {_describe(err)}")
+    return out
+
+
+def parse(data: Any, source: str = "<config>") -> Config:
+    """Validate a decoded YAML document; raise ConfigError listing every problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"(top level): expected a mapping of keys, got {type(data).__name__}"])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, format_errors(exc)) from None
+
+
+def load_file(path: str | os.PathLike[str]) -> Config:
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot read: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f"line {where.line + 1}: " if where else ""
+        raise ConfigError(path, [f"{line}invalid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    cfg = parse(data, path)
+    check_files(cfg, path)
+    return cfg
+
+
+def check_files(cfg: Config, source: str) -> None:
+    """What the schema cannot see: do the TLS files load? (like ``nginx -t``)."""
+    if cfg.tls is not None:
+        try:
+            server_tls_context(cfg.tls)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(source, [f"tls: cannot load cert/key: {exc}"]) from None
+
+
+def embedded_default() -> Config:
+    return parse(yaml.safe_load(resources.files("relayd").joinpath("default.yaml").read_text()),
+                 "<embedded default>")
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str | None  # None: the embedded default
+
+    def load(self) -> Config:
+        return load_file(self.path) if self.path else embedded_default()
+
+    def __str__(self) -> str:
+        return self.path or "<embedded default>"
+
+
+def locate(cli_path: str | None) -> Source:
+    """SPEC 1: -c, else $RELAYD_CONFIG, else /etc/relayd/relayd.yaml, else embedded."""
+    if cli_path:
+        return Source(cli_path)
+    if os.environ.get(ENV_VAR):
+        return Source(os.environ[ENV_VAR])
+    if os.path.exists(DEFAULT_PATH):
+        return Source(DEFAULT_PATH)
+    return Source(None)
+
+
+def server_tls_context(files: TLSFiles) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(files.cert, files.key)
+    return ctx
+
+
+def effective(cfg: Config) -> dict[str, Any]:
+    """The running config as a dict with secrets masked, for the start-up log."""
+    data = cfg.model_dump(mode="json")
+    for s in data.get("system_smtps", []):
+        if s.get("password"):
+            s["password"] = "********"
+    return data

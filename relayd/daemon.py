@@ -1,0 +1,298 @@
+"""Lifecycle: start, SIGHUP reload, SIGTERM/SIGINT drain.
+
+``Relay`` is the running state every part shares (config, store, quota
+ledger, upstream error book, auth throttle, sessions); the SMTP sessions and
+the admin socket hold a reference to it and read ``relay.config`` at use
+time, so a reload takes effect for the next session or message.
+
+Reload policy (chasquid's): load -> validate -> swap, all or nothing. A file
+that does not load or validate changes nothing: the errors are logged with
+their YAML paths and counted in relayd_config_reloads_total{result="error"}.
+Listener, state_dir, database and admin/metrics addresses cannot move under
+a running process; a change to them is logged as needing a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import random
+import signal
+import socket
+import ssl
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import maillog, metrics, routing
+from .config import Config, Source, server_tls_context
+from .errors import ConfigError, StoreError
+from .maillog import event
+from .policy import AuthThrottle, Ledger
+from .records import SmtpUser, Upstream, domain_of
+from .store import Store
+
+if TYPE_CHECKING:
+    from .smtp import RelaySMTP
+
+log = logging.getLogger("relayd")
+
+PRUNE_INTERVAL = 300.0     # seconds between deletions of expired quota journal rows
+RESTART_KEYS = ("listen", "state_dir", "database", "admin", "metrics", "hostname")
+
+
+def system_upstreams(cfg: Config) -> list[Upstream]:
+    return [
+        Upstream(idsmtp=f"system:{i}", **s.model_dump(exclude={"allowed_domains"}),
+                 allowed_domains=tuple(s.allowed_domains) if s.allowed_domains is not None else None)
+        for i, s in enumerate(cfg.system_smtps)
+    ]
+
+
+class Relay:
+    def __init__(self, config: Config, source: Source | None = None):
+        self.config = config
+        self.source = source
+        self.generation = 1
+        self.hostname = config.hostname or socket.gethostname()
+        self.store = Store(config.database_path)
+        self.ledger = Ledger()
+        self.errors = routing.ErrorBook()
+        self.throttle = AuthThrottle(config.auth_failures.max, config.auth_failures.window)
+        self.rng = random.SystemRandom()
+        self.system = system_upstreams(config)
+        self.server_tls: ssl.SSLContext | None = (
+            server_tls_context(config.tls) if config.tls else None)
+        self.sessions: set[RelaySMTP] = set()
+        self.per_ip: collections.Counter[str] = collections.Counter()
+        self.inflight: set[asyncio.Future[Any]] = set()
+        self.draining = False
+        self.smtp_servers: list[tuple[Any, asyncio.AbstractServer]] = []
+        self.other_servers: list[asyncio.AbstractServer] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.stopped = asyncio.Event()
+        self.started_at = time.time()
+
+    # ------------------------------------------------------------ start/stop
+
+    async def start(self) -> None:
+        from .smtp import RelaySMTP
+        from . import admin
+
+        os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
+        await self.store.open()
+        self.ledger.load(await self.store.load_usage(time.time()))
+        for u in await self.store.upstream_health():
+            metrics.UPSTREAM_ERRORS.labels(u["idsmtp"]).set(u["numerrors"])
+        loop = asyncio.get_running_loop()
+        for lst in self.config.listen:
+            server = await loop.create_server(
+                lambda lst=lst: RelaySMTP(self, lst.tls, lst.auth_require_tls),
+                lst.host, lst.port, reuse_address=True,
+                ssl=self.server_tls if lst.tls == "implicit" else None)
+            self.smtp_servers.append((lst, server))
+            event(log, logging.INFO, "listening", address=lst.address, tls=lst.tls,
+                  port=self.port_of(server))
+        self.other_servers.extend(await admin.start(self))
+        self._tasks.append(asyncio.create_task(self._prune_loop()))
+        event(log, logging.INFO, "started", config=str(self.source or "<in-process>"),
+              generation=self.generation)
+
+    @staticmethod
+    def port_of(server: asyncio.AbstractServer) -> int:
+        return server.sockets[0].getsockname()[1]
+
+    @property
+    def smtp_ports(self) -> list[int]:
+        return [self.port_of(s) for _, s in self.smtp_servers]
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_INTERVAL)
+            try:
+                await self.store.prune_sends(time.time())
+            except StoreError:
+                log.exception("cannot prune the quota journal")
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """SPEC 3.12: stop accepting, let transactions in progress finish up
+        to drain_timeout, then close everything."""
+        if self.draining:
+            return
+        self.draining = True
+        timeout = self.config.drain_timeout if timeout is None else timeout
+        event(log, logging.INFO, "draining", sessions=len(self.sessions), timeout=timeout)
+        for _, server in self.smtp_servers:
+            server.close()
+        # Idle sessions (no transaction open) are told and closed now; the
+        # others get 421 after their current message (see smtp.py).
+        from . import replies
+        for s in list(self.sessions):
+            if s.envelope is None or s.envelope.mail_from is None:
+                if s.transport is not None and not s.transport.is_closing():
+                    s.transport.write(replies.SHUTTING_DOWN.encode() + b"\r\n")
+                s.close()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while (self.sessions or self.inflight) and loop.time() < end:
+            await asyncio.sleep(0.05)
+        for s in list(self.sessions):
+            s.close()
+        await self.close()
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for _, server in self.smtp_servers:
+            server.close()
+        for server in self.other_servers:
+            server.close()
+        if self.inflight:
+            await asyncio.wait(list(self.inflight), timeout=5)
+        await self.store.close()
+        self.stopped.set()
+        event(log, logging.INFO, "stopped")
+
+    # ------------------------------------------------------------ sessions
+
+    def admission(self, ip: str) -> str | None:
+        """The reply refusing a new connection, or None to let it in."""
+        from . import replies
+        limits = self.config.limits
+        if self.draining:
+            return replies.SHUTTING_DOWN
+        if self.throttle.locked(ip, time.monotonic()):
+            metrics.AUTH_ATTEMPTS.labels("locked_out").inc()
+            return replies.AUTH_LOCKED_OUT
+        if len(self.sessions) > limits.max_sessions or self.per_ip[ip] > limits.max_sessions_per_ip:
+            return replies.TOO_MANY_SESSIONS
+        return None
+
+    def session_opened(self, s: RelaySMTP) -> None:
+        self.sessions.add(s)
+        self.per_ip[s.session.ip] += 1
+        metrics.SESSIONS_ACTIVE.inc()
+
+    def session_closed(self, s: RelaySMTP) -> None:
+        if s in self.sessions:
+            self.sessions.discard(s)
+            ip = s.session.ip
+            self.per_ip[ip] -= 1
+            if self.per_ip[ip] <= 0:
+                del self.per_ip[ip]
+            metrics.SESSIONS_ACTIVE.dec()
+
+    # ------------------------------------------------------------ routing glue
+
+    async def candidates(self, user: SmtpUser, sender: str) -> list[Upstream]:
+        owner, app, dom, own = await self.store.route_view(user, domain_of(sender))
+        cfg = self.config.failover
+        return routing.route(
+            plan=owner.plan, strategy=app.strategy,
+            domain_route=self.errors.apply(dom.as_upstream()) if dom else None,
+            own=own, system=[self.errors.apply(u) for u in self.system],
+            now=time.time(),
+            rules=routing.FailoverRules(cfg.max_errors, cfg.cooldown, cfg.max_attempts),
+            rng=self.rng)
+
+    async def record_result(self, u: Upstream, result: str, reply: str) -> None:
+        """Count an attempt: 'ok' resets numerrors, 'error' increments it,
+        'refused' (a permanent 5xx about the message) leaves it alone."""
+        metrics.UPSTREAM_ATTEMPTS.labels(u.idsmtp, result).inc()
+        if result == "refused":
+            return
+        ok = result == "ok"
+        now = time.time()
+        if u.idsmtp.startswith(("system:", "domain:")):
+            n = self.errors.record(u.idsmtp, ok, now)
+        else:
+            n = 0 if ok else u.numerrors + 1
+            if ok and u.numerrors == 0:
+                return      # nothing to reset: no write on the hot path
+            try:
+                await self.store.record_upstream_result(u.idsmtp, ok, now)
+            except StoreError:
+                log.exception("cannot record the result of upstream %s", u.idsmtp)
+        metrics.UPSTREAM_ERRORS.labels(u.idsmtp).set(n)
+
+    # ------------------------------------------------------------ reload
+
+    async def reload(self) -> bool:
+        """SIGHUP: load -> validate -> swap, all or nothing."""
+        if self.source is None:
+            return False
+        try:
+            new = self.source.load()
+        except ConfigError as exc:
+            metrics.CONFIG_RELOADS.labels("error").inc()
+            for problem in exc.problems:
+                event(log, logging.ERROR, "reload_failed", config=exc.source, error=problem)
+            event(log, logging.ERROR, "reload_failed", config=exc.source,
+                  error="keeping the running configuration", generation=self.generation)
+            return False
+        old = self.config
+        for key in RESTART_KEYS:
+            if getattr(old, key) != getattr(new, key):
+                event(log, logging.WARNING, "reload_needs_restart", key=key,
+                      msg=f"{key} changed; it takes effect only after a restart")
+        # Swap. New certificates go into the live context so that both the
+        # STARTTLS and the implicit-TLS listeners use them for new handshakes.
+        if new.tls is not None and self.server_tls is not None:
+            self.server_tls.load_cert_chain(new.tls.cert, new.tls.key)
+        merged = new.model_copy(update={k: getattr(old, k) for k in RESTART_KEYS})
+        self.config = merged
+        self.system = system_upstreams(merged)
+        self.throttle.reconfigure(merged.auth_failures.max, merged.auth_failures.window)
+        maillog.set_level(merged.log_level)
+        self.generation += 1
+        metrics.CONFIG_RELOADS.labels("ok").inc()
+        event(log, logging.INFO, "reloaded", config=str(self.source), generation=self.generation)
+        return True
+
+
+async def run(config: Config, source: Source) -> int:
+    """Run until SIGTERM/SIGINT; return the exit code."""
+    relay = Relay(config, source)
+    try:
+        await relay.start()
+    except (OSError, StoreError) as exc:
+        event(log, logging.ERROR, "start_failed", error=str(exc))
+        await relay.store.close()
+        return 1
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_stop(signame: str) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            event(log, logging.WARNING, "second_signal", signal=signame, msg="exiting now")
+            os._exit(0)
+        event(log, logging.INFO, "signal", signal=signame)
+        asyncio.ensure_future(relay.drain())
+
+    def on_hup() -> None:
+        asyncio.ensure_future(relay.reload())
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    sd_notify("READY=1")
+    await relay.stopped.wait()
+    sd_notify("STOPPING=1")
+    return 0
+
+
+def sd_notify(state: str) -> None:
+    """systemd Type=notify readiness, without a dependency: one datagram."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(state.encode(), addr)
+    except OSError:
+        log.warning("sd_notify to %s failed", addr)

@@ -1,0 +1,55 @@
+"""One exception hierarchy for relayd, each carrying structured fields.
+
+Nothing here is ever shown verbatim to an SMTP client: the SMTP layer maps
+these to reply constants (replies.py), the admin layer to its dialect's JSON
+error shape.
+"""
+
+from __future__ import annotations
+
+
+class RelaydError(Exception):
+    """Base of every error relayd raises on purpose."""
+
+
+class ConfigError(RelaydError):
+    """The config file is unreadable or invalid. ``problems`` are
+    ``"yaml.path: what is wrong"`` strings, one per problem."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+class StoreError(RelaydError):
+    """The database could not be read or written (disk full, read-only, ...)."""
+
+
+class NotFound(RelaydError):
+    """A record does not exist, or belongs to another owner (same answer)."""
+
+    def __init__(self, kind: str, key: str = ""):
+        self.kind = kind
+        self.key = key
+        super().__init__(f"{kind} not found")
+
+
+class Refused(RelaydError):
+    """A valid request that the rules forbid (e.g. priority strategy on the
+    free plan). ``code`` is the seed-000 406 code where one applies."""
+
+    def __init__(self, message: str, code: int = 0):
+        self.code = code
+        super().__init__(message)
+
+
+class UpstreamError(RelaydError):
+    """One upstream attempt failed. ``permanent`` is True only for a 5xx reply
+    (SPEC 3.7-3.8): the next upstream would refuse the message too."""
+
+    def __init__(self, reply: str, *, permanent: bool = False, code: int | None = None):
+        self.reply = reply
+        self.permanent = permanent
+        self.code = code
+        super().__init__(reply)

@@ -1,0 +1,54 @@
+"""Every SMTP reply relayd writes itself, as a named constant with its
+enhanced status code (RFC 3463). Handlers return these; nothing else in the
+code base spells a reply string.
+
+Codes follow SPEC section 3; where it is silent, RFC 5321 / RFC 3463 and
+Postfix's choices.
+"""
+
+from __future__ import annotations
+
+BANNER_IDENT = "ESMTP relayd"
+
+# AUTH (RFC 4954)
+AUTH_OK = "235 2.7.0 Authentication successful"
+AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
+AUTH_DISABLED = "525 5.7.13 User account disabled"
+AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
+AUTH_REQUIRED = "530 5.7.0 Authentication required"
+AUTH_LOCKED_OUT = "421 4.7.0 Too many failed authentications from your address, try again later"
+AUTH_ALREADY = "503 5.5.1 Already authenticated"
+AUTH_TEMPFAIL = "454 4.7.0 Temporary authentication failure"
+
+# Envelope
+OK = "250 2.0.0 Ok"
+SENDER_OK = "250 2.1.0 Sender ok"
+RCPT_OK = "250 2.1.5 Recipient ok"
+NESTED_MAIL = "503 5.5.1 Error: nested MAIL command"
+HOURLY_LIMIT = "451 4.7.1 Hourly sending limit reached, try again later"
+TOTAL_LIMIT = "550 5.7.1 Total sending limit reached"
+TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
+NO_UPSTREAM = "451 4.3.5 No upstream SMTP configured"
+MESSAGE_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+BAD_SENDER_ADDRESS = "553 5.1.7 Sender address contains characters that are not allowed"
+BAD_RCPT_ADDRESS = "553 5.1.3 Recipient address contains characters that are not allowed"
+
+# DATA
+QUEUED = "250 2.0.0 Ok: queued as {id}"
+DELIVERY_DEFERRED = "451 4.4.1 Delivery failed temporarily: {reply}"
+DELIVERY_REFUSED = "554 5.0.0 Upstream refused the message: {reply}"
+LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)"
+
+# Session
+INTERNAL_ERROR = "451 4.3.0 Internal error, try again later"
+SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+TOO_MANY_SESSIONS = "421 4.7.0 Too many connections, try again later"
+TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
+TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """Flatten an upstream's (possibly multi-line) reply so that it can be
+    quoted inside one reply line, bounded and free of CR/LF."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

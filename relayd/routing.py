@@ -1,0 +1,90 @@
+"""Sans-IO routing: which upstreams to try for a message, in which order
+(SPEC 3.5, 3.7). No sockets, no store: callers pass the records in.
+
+1. The sender domain's settings route (same owner) comes first.
+2. Then the app's active upstreams: by ``priority`` (lowest first, ties
+   shuffled) when the app's strategy is ``priority`` and the plan allows it;
+   uniformly shuffled otherwise. The free plan always uses ``random``.
+3. A paid owner with no active upstreams of its own uses the system SMTPs;
+   a free owner never does.
+4. Failover bookkeeping: an upstream with ``numerrors >= max_errors`` is
+   skipped until ``cooldown`` seconds after its last error; if that skips
+   every candidate, the one whose last error is oldest is tried alone.
+5. At most ``max_attempts`` candidates are returned.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from .records import Upstream
+
+
+@dataclass(frozen=True)
+class FailoverRules:
+    max_errors: int = 5
+    cooldown: float = 300.0
+    max_attempts: int = 3
+
+
+def effective_strategy(plan: str, strategy: str) -> str:
+    return strategy if plan == "paid" else "random"
+
+
+def pool(plan: str, own: Sequence[Upstream], system: Sequence[Upstream]) -> list[Upstream]:
+    """The upstreams a message may use, before ordering (SPEC 3.5)."""
+    active = [u for u in own if u.status == "A"]
+    if active or plan != "paid":
+        return active
+    return list(system)
+
+
+def order(upstreams: Sequence[Upstream], strategy: str, rng: random.Random) -> list[Upstream]:
+    out = list(upstreams)
+    rng.shuffle(out)
+    if strategy == "priority":
+        out.sort(key=lambda u: u.priority)   # stable: ties keep shuffled order
+    return out
+
+
+def cooling_down(u: Upstream, now: float, rules: FailoverRules) -> bool:
+    return (u.numerrors >= rules.max_errors and u.last_error is not None
+            and now - u.last_error < rules.cooldown)
+
+
+def plan_attempts(candidates: Sequence[Upstream], now: float, rules: FailoverRules
+                  ) -> list[Upstream]:
+    """Apply cooldown skipping and the attempt cap to ordered candidates."""
+    usable = [u for u in candidates if not cooling_down(u, now, rules)]
+    if not usable and candidates:
+        usable = [min(candidates, key=lambda u: u.last_error or 0.0)]
+    return usable[: rules.max_attempts]
+
+
+def route(*, plan: str, strategy: str, domain_route: Upstream | None,
+          own: Sequence[Upstream], system: Sequence[Upstream], now: float,
+          rules: FailoverRules, rng: random.Random) -> list[Upstream]:
+    """The upstreams to try, in order; empty means no route at all."""
+    ordered = order(pool(plan, own, system), effective_strategy(plan, strategy), rng)
+    if domain_route is not None:
+        ordered.insert(0, domain_route)
+    return plan_attempts(ordered, now, rules)
+
+
+class ErrorBook:
+    """numerrors/last_error for upstreams that have no database row (system
+    SMTPs, domain routes): kept in memory, keyed by the upstream id."""
+
+    def __init__(self) -> None:
+        self._book: dict[str, tuple[int, float | None]] = {}
+
+    def apply(self, u: Upstream) -> Upstream:
+        n, last = self._book.get(u.idsmtp, (0, None))
+        return replace(u, numerrors=n, last_error=last)
+
+    def record(self, idsmtp: str, ok: bool, now: float) -> int:
+        n, last = self._book.get(idsmtp, (0, None))
+        self._book[idsmtp] = (0, last) if ok else (n + 1, now)
+        return self._book[idsmtp][0]

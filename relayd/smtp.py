@@ -1,0 +1,458 @@
+"""The SMTP front-end: an aiosmtpd server subclass and its handler.
+
+The handler feeds the sans-IO decisions (policy, routing, rewrite) and
+carries out their answers; every reply it writes is a constant from
+replies.py. What aiosmtpd gets wrong for a relay is overridden here, each
+with the reason next to it:
+
+* AUTH PLAIN/LOGIN are the handler's own, async, so credentials are checked
+  against the store without blocking and a failure always gets its 535
+  (aiosmtpd's AuthResult(success=False) default would send nothing).
+* DATA is read in bulk: the end marker is searched on the buffer and dot
+  stuffing undone with one bytes.replace, instead of aiosmtpd's per-line
+  loop. Only <CRLF>.<CRLF> ends DATA (bare LF or CR never do: RFC 5321
+  4.1.1.4, the SMTP-smuggling fix), and the size limit is enforced while
+  reading: past it the data is discarded, then 552 5.3.4.
+* Delivery runs shielded from the client: a client that hangs up while its
+  message is with an upstream cannot make relayd forget that it was sent.
+* Exceptions are logged with the session id and answered 451 4.3.0; their
+  text never reaches the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import logging
+import secrets
+import time
+from base64 import b64decode
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope
+from aiosmtpd.smtp import Session as _Session
+
+from . import metrics, replies, rewrite
+from .errors import NotFound, StoreError
+from .maillog import event, message_line
+from .policy import Verdict, rewrite_verdict
+from .records import Upstream
+from .upstream import deliver
+
+if TYPE_CHECKING:
+    from .daemon import Relay
+
+log = logging.getLogger("relayd.smtp")
+
+DATA_CHUNK = 256 * 1024
+# Bytes read past max_message_size before giving up on keeping the data:
+# dot stuffing adds one byte per line starting with '.', so the raw size may
+# exceed the message size a little.
+DATA_SLACK = 64 * 1024
+CRLF_DOT_CRLF = b"\r\n.\r\n"
+
+
+def _bad_address(address: str) -> bool:
+    """Characters that must never reach an upstream command or a header."""
+    return any(c in address for c in "\r\n\0 \t<>") or not address.isprintable()
+
+
+class Session(_Session):
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        super().__init__(loop)
+        self.id = secrets.token_hex(5).upper()
+        self.user: str | None = None      # SMTP user name once authenticated
+        self.reserved = 0                 # quota units held by this envelope's RCPTs
+        self.messages = 0
+        self.errors = 0
+
+    @property
+    def ip(self) -> str:
+        return self.peer[0] if isinstance(self.peer, tuple) else str(self.peer)
+
+    def message_id(self) -> str:
+        return self.id if self.messages == 1 else f"{self.id}.{self.messages}"
+
+
+class RelaySMTP(SMTP):
+    """One client connection."""
+
+    def __init__(self, relay: Relay, tls: str, auth_require_tls: bool):
+        cfg = relay.config
+        self.relay = relay
+        self._counted = False
+        super().__init__(
+            RelayHandler(relay),
+            data_size_limit=None,           # SIZE advertised and enforced by us (552 5.3.4)
+            hostname=relay.hostname,        # never getfqdn() per connection
+            ident=replies.BANNER_IDENT,
+            tls_context=relay.server_tls if tls == "starttls" else None,
+            timeout=cfg.timeouts.session,
+            auth_required=True,             # MAIL/RCPT/DATA before AUTH: 530 5.7.0
+            # implicit TLS is TLS from the first byte, which aiosmtpd cannot see
+            auth_require_tls=auth_require_tls and tls != "implicit",
+            loop=asyncio.get_running_loop(),
+        )
+
+    def _create_session(self) -> Session:
+        return Session(self.loop)
+
+    # -- connection accounting, admission and lockout
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = not self._counted
+        super().connection_made(transport)
+        if first:
+            self._counted = True
+            self.relay.session_opened(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._counted:
+            self._counted = False
+            self.event_handler.release(self.session)
+            self.relay.session_closed(self)
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        refusal = self.relay.admission(self.session.ip)
+        if refusal:
+            await self.push(refusal)
+            self.close()
+            return
+        await super()._handle_client()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _timeout_cb(self) -> None:
+        # RFC 5321 4.5.3.2: say why before closing.
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(replies.TIMEOUT.encode() + b"\r\n")
+        super()._timeout_cb()
+
+    async def push(self, status: str | bytes) -> None:
+        await super().push(status)
+        text = status if isinstance(status, str) else status.decode("ascii", "replace")
+        if text[:1] in ("4", "5") and not text.startswith("421") and self.session is not None:
+            self.session.errors += 1
+            if self.session.errors >= self.relay.config.limits.max_errors:
+                # Postfix's smtpd_hard_error_limit: a client that only errs is
+                # a scanner or broken; stop talking to it.
+                event(log, logging.INFO, "too_many_errors", session=self.session.id,
+                      client=self.session.ip)
+                await super().push(replies.TOO_MANY_ERRORS)
+                self.close()
+
+    # -- DATA
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None and self.session is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        body = await self._read_data(self.relay.config.limits.max_message_size)
+        if body is None:          # connection lost mid-DATA
+            return
+        handler: RelayHandler = self.event_handler
+        if body is False:
+            handler.release(self.session)
+            self._set_post_data_state()
+            metrics.MESSAGES.labels("rejected").inc()
+            await self.push(replies.MESSAGE_TOO_BIG)
+            return
+        self.session.messages += 1
+        status = await handler.deliver(self, self.session, self.envelope, body)
+        self._set_post_data_state()
+        await self.push(status)
+        if self.relay.draining:
+            await self.push(replies.SHUTTING_DOWN)
+            self.close()
+
+    async def _read_data(self, limit: int) -> bytes | bool | None:
+        """Read up to <CRLF>.<CRLF>; return the un-stuffed body, False if it
+        was larger than ``limit``, None on disconnect."""
+        reader = self._reader
+        # A virtual CRLF before the first line lets one search find the end
+        # marker whether or not the body is empty.
+        buf = bytearray(b"\r\n")
+        scan = 0
+        oversize = False
+        while True:
+            chunk = await reader.read(DATA_CHUNK)
+            if not chunk:
+                self.close()
+                return None
+            self._reset_timeout()
+            buf += chunk
+            end = buf.find(CRLF_DOT_CRLF, scan)
+            if end >= 0:
+                surplus = buf[end + 5:]
+                if surplus:
+                    # Commands sent after the end marker belong to the
+                    # command loop: give them back to the reader.
+                    reader._buffer[:0] = surplus  # type: ignore[attr-defined]
+                del buf[end + 2:]
+                break
+            if len(buf) > limit + DATA_SLACK:
+                oversize = True
+                del buf[:-4]      # keep enough to spot a marker split across reads
+            scan = max(len(buf) - 4, 0)
+        if oversize:
+            return False
+        if b"\r\n.." in buf:
+            buf = buf.replace(b"\r\n..", b"\r\n.")
+        del buf[:2]
+        if len(buf) > limit:
+            return False
+        return bytes(buf)
+
+
+class RelayHandler:
+    """aiosmtpd hooks; one instance per connection."""
+
+    def __init__(self, relay: Relay):
+        self.relay = relay
+
+    # -- EHLO: advertise SIZE and exactly "AUTH PLAIN LOGIN"
+
+    async def handle_EHLO(self, server: RelaySMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        out = [responses[0], f"250-SIZE {self.relay.config.limits.max_message_size}"]
+        for line in responses[1:]:
+            if line.startswith("250-AUTH"):
+                line = "250-AUTH PLAIN LOGIN"
+            out.append(line)
+        return out
+
+    # -- AUTH (RFC 4954, RFC 4616)
+
+    async def auth_PLAIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await server.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            blob = await self._b64(server, args[1])
+            if blob is None:
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            await server.push("501 5.5.2 Cannot split AUTH PLAIN value")
+            return AuthResult(success=False, handled=True)
+        return await self._check(server, parts[1], parts[2])
+
+    async def auth_LOGIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await server.challenge_auth(server.AuthLoginUsernameChallenge)
+        else:
+            login = await self._b64(server, args[1])
+        if login is MISSING or login is None:
+            return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth(server.AuthLoginPasswordChallenge)
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        return await self._check(server, login, password)
+
+    @staticmethod
+    async def _b64(server: RelaySMTP, text: str) -> bytes | None:
+        try:
+            return b64decode(text.encode("ascii"), validate=True)
+        except (binascii.Error, ValueError, UnicodeEncodeError):
+            await server.push("501 5.5.2 Cannot decode base64")
+            return None
+
+    async def _check(self, server: RelaySMTP, login: bytes, password: bytes) -> AuthResult:
+        session: Session = server.session
+        relay = self.relay
+        now = time.monotonic()
+        if relay.throttle.locked(session.ip, now):
+            metrics.AUTH_ATTEMPTS.labels("locked_out").inc()
+            await server.push(replies.AUTH_LOCKED_OUT)
+            server.close()
+            return AuthResult(success=False, handled=True)
+        try:
+            name, secret = login.decode("utf-8"), password.decode("utf-8")
+        except UnicodeDecodeError:
+            name, secret = "", ""
+        user = relay.store.check_password(name, secret) if name and secret else None
+        if user is None:
+            metrics.AUTH_ATTEMPTS.labels("failure").inc()
+            locked = relay.throttle.failure(session.ip, now)
+            event(log, logging.INFO, "auth_failed", session=session.id, client=session.ip,
+                  user=name if name.isprintable() and len(name) <= 64 else "?", locked=locked)
+            return AuthResult(success=False, handled=False, message=replies.AUTH_INVALID)
+        if not user.enabled:
+            metrics.AUTH_ATTEMPTS.labels("disabled").inc()
+            return AuthResult(success=False, handled=False, message=replies.AUTH_DISABLED)
+        metrics.AUTH_ATTEMPTS.labels("success").inc()
+        session.user = user.name
+        return AuthResult(success=True, auth_data=user.name, message=replies.AUTH_OK)
+
+    # -- envelope
+
+    def release(self, session: Session | None) -> None:
+        """Give back the quota units this session's RCPTs reserved."""
+        if session is not None and session.reserved and session.user:
+            self.relay.ledger.release(session.user, session.reserved)
+            session.reserved = 0
+
+    async def handle_RSET(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+        self.release(session)
+        return replies.OK
+
+    async def handle_QUIT(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+        self.release(session)
+        return "221 2.0.0 Bye"
+
+    async def handle_MAIL(self, server: RelaySMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        relay = self.relay
+        if relay.draining:
+            server.loop.call_soon(server.close)   # after the reply is written
+            return replies.SHUTTING_DOWN
+        if _bad_address(address):
+            return replies.BAD_SENDER_ADDRESS
+        for opt in mail_options:
+            key, _, value = opt.partition("=")
+            if key == "SIZE" and value.isdigit() and int(value) > relay.config.limits.max_message_size:
+                return replies.MESSAGE_TOO_BIG
+        user = relay.store.get_user(session.user or "")
+        if user is None:
+            return replies.AUTH_INVALID
+        if not user.enabled:
+            return replies.AUTH_DISABLED
+        try:
+            if not await relay.candidates(user, address):
+                return replies.NO_UPSTREAM
+        except NotFound:
+            return replies.NO_UPSTREAM
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return replies.SENDER_OK
+
+    async def handle_RCPT(self, server: RelaySMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        relay = self.relay
+        if _bad_address(address):
+            metrics.RECIPIENTS.labels("invalid").inc()
+            return replies.BAD_RCPT_ADDRESS
+        if len(envelope.rcpt_tos) >= relay.config.limits.max_recipients:
+            metrics.RECIPIENTS.labels("too_many").inc()
+            return replies.TOO_MANY_RCPTS
+        user = relay.store.get_user(session.user or "")
+        if user is None:
+            return replies.AUTH_INVALID
+        verdict = relay.ledger.reserve(user, time.time())
+        if verdict is not Verdict.OK:
+            metrics.RECIPIENTS.labels(verdict.value).inc()
+            if verdict in (Verdict.HOURLY, Verdict.TOTAL):
+                metrics.LIMIT_REJECTIONS.labels(verdict.value).inc()
+            return verdict.reply
+        session.reserved += 1
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        metrics.RECIPIENTS.labels("accepted").inc()
+        return replies.RCPT_OK
+
+    # -- delivery
+
+    async def deliver(self, server: RelaySMTP, session: Session, envelope: Envelope,
+                      body: bytes) -> str:
+        # From here the delivery owns the reservation: a disconnect must not
+        # release units for a message an upstream may be accepting.
+        units, session.reserved = session.reserved, 0
+        task = asyncio.ensure_future(self._deliver(session, envelope, body, units))
+        self.relay.inflight.add(task)
+        task.add_done_callback(self.relay.inflight.discard)
+        return await asyncio.shield(task)
+
+    async def _deliver(self, session: Session, envelope: Envelope, body: bytes,
+                       units: int) -> str:
+        relay = self.relay
+        started = time.monotonic()
+        sender = envelope.mail_from or ""
+        rcpts = list(envelope.rcpt_tos)
+        msg_id = session.message_id()
+        fields: dict[str, Any] = dict(
+            session=msg_id, user=session.user, client=session.ip, **{"from": sender},
+            rcpts=len(rcpts), size=len(body))
+        user = relay.store.get_user(session.user or "")
+        ts = time.time()
+
+        def finish(result: str, reply: str, outcome_upstream: Upstream | None = None,
+                   rewritten: bool = False, upstream_reply: str = "") -> str:
+            metrics.MESSAGES.labels(result).inc()
+            message_line(**fields, upstream=outcome_upstream.idsmtp if outcome_upstream else "",
+                         upstream_host=outcome_upstream.host if outcome_upstream else "",
+                         rewrite="yes" if rewritten else "no", result=result,
+                         reply=upstream_reply or reply,
+                         duration=round(time.monotonic() - started, 3))
+            return reply
+
+        if user is None or not user.enabled:
+            relay.ledger.release(session.user or "", units)
+            return finish("rejected", replies.AUTH_DISABLED)
+        try:
+            candidates = await relay.candidates(user, sender)
+        except (NotFound, StoreError):
+            candidates = []
+        if not candidates:
+            relay.ledger.release(user.name, units)
+            return finish("deferred", replies.NO_UPSTREAM)
+        try:
+            # Journal first: a crash from here on leaves the message counted.
+            await relay.store.journal_send(user.name, ts, units)
+        except StoreError:
+            log.exception("session=%s cannot journal quota usage", msg_id)
+            relay.ledger.release(user.name, units)
+            return finish("error", replies.INTERNAL_ERROR)
+
+        header_domain = rewrite.from_domain(body)
+
+        def prepare(u: Upstream) -> tuple[str, bytes, bool]:
+            verdict = rewrite_verdict(u, sender, header_domain)
+            if not verdict.rewrite:
+                return sender, body, False
+            assert verdict.from_header is not None
+            return verdict.envelope_sender, rewrite.rewrite_from(body, verdict.from_header), True
+
+        cfg = relay.config
+        outcome = await deliver(
+            candidates, rcpts, prepare, relay.record_result, local_hostname=relay.hostname,
+            connect_timeout=cfg.timeouts.connect, command_timeout=cfg.timeouts.command,
+            deadline=cfg.failover.deadline)
+        metrics.DELIVERY_DURATION.observe(time.monotonic() - started)
+        last = outcome.last
+        assert last is not None
+        if last.rewritten and outcome.delivered:
+            metrics.FROM_REWRITES.inc()
+        if outcome.delivered:
+            relay.ledger.commit(user.name, units, ts)
+            return finish("delivered", replies.QUEUED.format(id=msg_id), last.upstream,
+                          last.rewritten, last.reply)
+        relay.ledger.release(user.name, units)
+        try:
+            await relay.store.journal_send(user.name, ts, -units)
+        except StoreError:
+            # Counted but not sent: errs on the side of the limit, never below it.
+            log.exception("session=%s cannot undo quota usage of a failed message", msg_id)
+        reply = replies.one_line(last.reply)
+        if outcome.permanent:
+            return finish("bounced", replies.DELIVERY_REFUSED.format(reply=reply), last.upstream,
+                          last.rewritten, last.reply)
+        return finish("deferred", replies.DELIVERY_DEFERRED.format(reply=reply), last.upstream,
+                      last.rewritten, last.reply)
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("unexpected error in SMTP session", exc_info=error)
+        return replies.INTERNAL_ERROR

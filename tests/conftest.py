@@ -1,0 +1,249 @@
+"""Shared fixtures: real servers on loopback port 0, never fixed ports.
+
+* ``sink_factory`` starts recording aiosmtpd upstreams whose behaviour is set
+  per sink (accept, 451, 550, hang, require AUTH, STARTTLS, implicit TLS).
+* ``relay_factory`` starts relayd in-process (the real Relay, listeners,
+  store and admin socket) on a temporary state dir.
+* ``provision`` creates owner/app/user/upstream records through the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+import trustme
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from relayd import config as config_mod
+from relayd import maillog
+from relayd.daemon import Relay
+
+maillog.setup("debug")
+
+
+# ---------------------------------------------------------------- TLS material
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def tls_files(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """(cert, key) paths for 'localhost'/127.0.0.1, signed by ``ca``."""
+    d = tmp_path_factory.mktemp("tls")
+    cert = ca.issue_cert("localhost", "127.0.0.1", "::1")
+    cert_path, key_path = d / "cert.pem", d / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    return str(cert_path), str(key_path)
+
+
+@pytest.fixture(scope="session")
+def server_ssl(tls_files: tuple[str, str]) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(*tls_files)
+    return ctx
+
+
+@pytest.fixture(scope="session")
+def client_ssl(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
+
+
+# ---------------------------------------------------------------- upstream sinks
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+    auth: str | None = None
+    tls: bool = False
+
+
+@dataclass
+class Sink:
+    """A recording upstream. ``mode``: accept | tempfail | permfail |
+    rcpt_tempfail | rcpt_permfail | hang. Change it at any time."""
+
+    mode: str = "accept"
+    username: str | None = None
+    password: str | None = None
+    messages: list[Received] = field(default_factory=list)
+    port: int = 0
+    server: asyncio.AbstractServer | None = None
+    connections: int = 0
+    hang_event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, options: list[str]) -> str:
+        if self.mode == "rcpt_tempfail":
+            return "450 4.2.0 Mailbox busy"
+        if self.mode == "rcpt_permfail":
+            return "550 5.1.1 No such user"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.mode == "hang":
+            await self.hang_event.wait()
+        if self.mode == "tempfail":
+            return "451 4.3.0 Sink is having a bad day"
+        if self.mode == "permfail":
+            return "550 5.7.1 Sink refuses this message"
+        self.messages.append(Received(
+            envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content,
+            auth=getattr(session, "login_data", None) and session.login_data.decode(),
+            tls=session.ssl is not None))
+        return "250 2.0.0 Ok: sunk"
+
+    def authenticate(self, server: SMTP, session: Session, envelope: Envelope,
+                     mechanism: str, auth_data: Any) -> AuthResult:
+        ok = (isinstance(auth_data, LoginPassword)
+              and auth_data.login.decode() == self.username
+              and auth_data.password.decode() == self.password)
+        return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
+
+
+@pytest.fixture
+async def sink_factory(server_ssl: ssl.SSLContext) -> AsyncIterator[Callable[..., Any]]:
+    sinks: list[Sink] = []
+
+    async def make(mode: str = "accept", *, tls: str = "none", username: str | None = None,
+                   password: str | None = None) -> Sink:
+        """tls: none | starttls | implicit. With username, AUTH is required."""
+        sink = Sink(mode=mode, username=username, password=password)
+        loop = asyncio.get_running_loop()
+
+        def factory() -> SMTP:
+            sink.connections += 1
+            return SMTP(sink, hostname="sink.test", data_size_limit=None,
+                        tls_context=server_ssl if tls == "starttls" else None,
+                        require_starttls=tls == "starttls",
+                        authenticator=sink.authenticate if username else None,
+                        auth_required=bool(username),
+                        auth_require_tls=False, loop=loop)
+
+        sink.server = await loop.create_server(
+            factory, "127.0.0.1", 0, ssl=server_ssl if tls == "implicit" else None)
+        sink.port = sink.server.sockets[0].getsockname()[1]
+        sinks.append(sink)
+        return sink
+
+    yield make
+    for s in sinks:
+        s.hang_event.set()
+        assert s.server is not None
+        s.server.close()
+
+
+@pytest.fixture
+async def closed_port() -> int:
+    """A loopback port with nothing listening (connection refused)."""
+    server = await asyncio.get_running_loop().create_server(asyncio.Protocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    return port
+
+
+# ---------------------------------------------------------------- relayd
+
+def base_config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "listen": [{"address": "127.0.0.1:0", "tls": "none", "auth_require_tls": False}],
+        "hostname": "relay.test",
+        "state_dir": str(tmp_path / "state"),
+        "admin": {"socket": str(tmp_path / "state" / "admin.sock"), "mode": "0660"},
+        "metrics": {"listen": "127.0.0.1:0"},
+        "timeouts": {"connect": 5, "command": 5, "session": 30},
+        "failover": {"deadline": 20},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return data
+
+
+@pytest.fixture
+async def relay_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    relays: list[Relay] = []
+
+    async def make(**overrides: Any) -> Relay:
+        cfg = config_mod.parse(base_config(tmp_path, **overrides))
+        relay = Relay(cfg)
+        await relay.start()
+        relays.append(relay)
+        return relay
+
+    yield make
+    for r in relays:
+        if not r.stopped.is_set():
+            await r.close()
+
+
+@pytest.fixture
+async def relay(relay_factory: Callable[..., Any]) -> Relay:
+    return await relay_factory()
+
+
+@dataclass
+class Tenant:
+    owner_id: str
+    token: str
+    idapp: str
+    user: str
+    password: str
+
+
+@pytest.fixture
+def provision() -> Callable[..., Any]:
+    """provision(relay, plan=, strategy=, total=, hourly=, upstreams=[dict...])
+    -> Tenant. Each upstream dict holds store fields; ``idapp`` is filled in."""
+
+    async def make(relay: Relay, *, plan: str = "free", strategy: str = "random",
+                   total: int = 1000, hourly: int = 1000,
+                   upstreams: list[dict[str, Any]] | None = None) -> Tenant:
+        owner, token, app = await relay.store.create_owner(plan)
+        if strategy != app.strategy:
+            await relay.store.update_app(app.idapp, strategy=strategy)
+        for fields in upstreams or []:
+            await relay.store.create_upstream({"idapp": app.idapp, **fields})
+        user, password = await relay.store.create_user(owner.owner_id, app.idapp, total, hourly)
+        return Tenant(owner.owner_id, token, app.idapp, user.name, password)
+
+    return make
+
+
+def sink_upstream(sink: Sink, **fields: Any) -> dict[str, Any]:
+    return {"host": "127.0.0.1", "port": sink.port, **fields}
+
+
+async def smtp_client(relay: Relay, tenant: Tenant | None = None, *,
+                      port_index: int = 0, **kwargs: Any) -> aiosmtplib.SMTP:
+    """A connected (and, given a tenant, authenticated) client."""
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.smtp_ports[port_index],
+                             local_hostname="client.test", start_tls=False, timeout=30,
+                             **kwargs)
+    await client.connect()
+    if tenant is not None:
+        await client.login(tenant.user, tenant.password)
+    return client
+
+
+def simple_message(sender: str = "app@example.com", to: str = "rcpt@example.net",
+                   subject: str = "hello", body: str = "Hello.\r\n") -> bytes:
+    return (f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\n"
+            f"Message-ID: <m1@example.com>\r\n\r\n{body}").encode()
