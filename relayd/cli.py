@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import logging
 import os
 import sys
 
@@ -63,8 +65,8 @@ def relayd_main(argv: list[str] | None = None) -> int:
     os.umask(0o077)
     maillog.setup(cfg.log_level)
     from . import daemon
-    maillog.event(daemon.log, 20, "config", source=str(source),
-                  effective=config.effective(cfg))
+    maillog.event(daemon.log, logging.INFO, "config", source=str(source),
+                  effective=json.dumps(config.effective(cfg), separators=(",", ":")))
     try:
         return asyncio.run(daemon.run(cfg, source))
     except KeyboardInterrupt:

@@ -8,8 +8,8 @@ greppable like Postfix's maillog. The per-message line has stable keys:
     result=delivered reply="250 ok" duration=0.012
 
 Secrets never reach a log line: nothing here is given a password or a token,
-and AUTH data is never logged (aiosmtpd's own protocol logger is capped at
-WARNING, because at INFO/DEBUG it logs raw command lines).
+and the libraries that would log them (aiosmtpd's protocol logger: raw AUTH
+lines; aiosqlite: SQL parameters) are capped at WARNING whatever log_level.
 """
 
 from __future__ import annotations
@@ -73,8 +73,11 @@ def setup(level: str) -> None:
 
 def set_level(level: str) -> None:
     logging.getLogger().setLevel(LEVELS[level])
-    # aiosmtpd logs every command line (including AUTH blobs) at INFO/DEBUG.
+    # aiosmtpd logs every command line (including AUTH blobs) at INFO/DEBUG,
+    # and aiosqlite every SQL statement with its parameters (upstream
+    # passwords) at DEBUG: neither may follow the root level down.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
 
 
 def event(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:

@@ -1,0 +1,157 @@
+"""Signals sent to a real relayd process: SIGHUP reload (valid and invalid
+file, with a session open) and SIGTERM/SIGINT drain (SPEC 1, 3.12, 6)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+import yaml
+
+from conftest import Tenant, base_config, simple_message
+from relayd.store import Store
+from relayd_proc import RelaydProcess
+
+pytestmark = pytest.mark.slow
+
+
+async def provision_db(state_dir: Path, sink_port: int) -> Tenant:
+    """Create owner/app/upstream/user in relayd's database before it starts."""
+    store = Store(state_dir / "relayd.db")
+    await store.open()
+    try:
+        owner, token, app = await store.create_owner("free")
+        await store.create_upstream({"idapp": app.idapp, "host": "127.0.0.1", "port": sink_port})
+        user, password = await store.create_user(owner.owner_id, app.idapp, 1000, 1000)
+    finally:
+        await store.close()
+    return Tenant(owner.owner_id, token, app.idapp, user.name, password)
+
+
+@pytest.fixture
+async def started(tmp_path: Path, sink_factory: Any):
+    """(process, tenant, sink, config dict) with relayd running in a subprocess."""
+    procs: list[RelaydProcess] = []
+
+    async def start(**overrides: Any):
+        sink = await sink_factory()
+        cfg = base_config(tmp_path, metrics={"listen": None}, **overrides)
+        tenant = await provision_db(Path(cfg["state_dir"]), sink.port)
+        proc = await RelaydProcess.start(cfg, tmp_path / "relayd.yaml")
+        procs.append(proc)
+        return proc, tenant, sink, cfg
+
+    yield start
+    for p in procs:
+        await p.stop()
+
+
+async def connect(proc: RelaydProcess, tenant: Tenant | None = None) -> aiosmtplib.SMTP:
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=proc.smtp_ports[0],
+                             local_hostname="client.test", start_tls=False, timeout=20)
+    await client.connect()
+    await client.ehlo()
+    if tenant is not None:
+        await client.login(tenant.user, tenant.password)
+    return client
+
+
+def size_limit(client: aiosmtplib.SMTP) -> int:
+    return int(client.esmtp_extensions["size"])
+
+
+async def test_sighup_valid_file_applies_without_dropping_sessions(started):
+    proc, tenant, sink, cfg = await started(limits={"max_message_size": 100_000})
+    old = await connect(proc, tenant)
+    assert size_limit(old) == 100_000
+
+    cfg["limits"]["max_message_size"] = 200_000
+    proc.config_path.write_text(yaml.safe_dump(cfg))
+    mark = len(proc.lines)
+    proc.signal(signal.SIGHUP)
+    line = await proc.wait_for("event=reloaded", start=mark)
+    assert "generation=2" in line
+
+    # The session opened before the reload goes on and delivers.
+    await old.sendmail("app@example.com", ["r@example.net"], simple_message())
+    await old.quit()
+    assert len(sink.messages) == 1
+    # A new session sees the new limit.
+    new = await connect(proc, tenant)
+    assert size_limit(new) == 200_000
+    await new.quit()
+
+
+async def test_sighup_invalid_file_keeps_running_config(started):
+    proc, tenant, sink, cfg = await started(limits={"max_message_size": 100_000})
+    session = await connect(proc, tenant)
+
+    cfg["limits"]["max_message_size"] = 300_000
+    cfg["limits"]["bogus_key"] = 1
+    proc.config_path.write_text(yaml.safe_dump(cfg))
+    mark = len(proc.lines)
+    proc.signal(signal.SIGHUP)
+    line = await proc.wait_for("limits.bogus_key: unknown key", start=mark)
+    assert "event=reload_failed" in line
+    await proc.wait_for("keeping the running configuration", start=mark)
+
+    await session.sendmail("app@example.com", ["r@example.net"], simple_message())
+    await session.quit()
+    new = await connect(proc, tenant)
+    assert size_limit(new) == 100_000, "an invalid file must change nothing"
+    await new.quit()
+    assert proc.proc.returncode is None
+
+
+async def test_sighup_listener_change_is_logged_as_needing_restart(started):
+    proc, tenant, sink, cfg = await started()
+    cfg["listen"].append({"address": "127.0.0.1:0", "tls": "none", "auth_require_tls": False})
+    proc.config_path.write_text(yaml.safe_dump(cfg))
+    mark = len(proc.lines)
+    proc.signal(signal.SIGHUP)
+    line = await proc.wait_for("event=reload_needs_restart", start=mark)
+    assert "key=listen" in line
+
+
+async def test_sigterm_between_rcpt_and_data_still_delivers_then_exits_0(started):
+    proc, tenant, sink, cfg = await started(drain_timeout=30)
+    client = await connect(proc, tenant)
+    await client.mail("app@example.com")
+    await client.rcpt("r@example.net")
+
+    proc.signal(signal.SIGTERM)
+    await proc.wait_for("event=draining")
+    # New connections are refused (or told 421) while the transaction finishes.
+    with pytest.raises((aiosmtplib.SMTPConnectError, aiosmtplib.SMTPConnectResponseError,
+                        ConnectionError, OSError)):
+        late = aiosmtplib.SMTP(hostname="127.0.0.1", port=proc.smtp_ports[0], timeout=5)
+        await late.connect()
+        await late.ehlo()
+    response = await client.data(simple_message())
+    assert response.code == 250
+    assert len(sink.messages) == 1
+    assert await proc.wait() == 0
+
+
+async def test_sigterm_when_idle_exits_0_promptly(started):
+    proc, tenant, sink, cfg = await started(drain_timeout=60)
+    idle = await connect(proc, tenant)     # connected, no transaction: told 421
+    proc.signal(signal.SIGTERM)
+    # SPEC 3.12: an idle relayd exits 0 within 5 s (drain_timeout is 60 here).
+    assert await proc.wait(timeout=5) == 0
+    idle.close()
+
+
+async def test_second_signal_exits_at_once(started):
+    proc, tenant, sink, cfg = await started(drain_timeout=120)
+    client = await connect(proc, tenant)
+    await client.mail("app@example.com")          # a transaction keeps the drain waiting
+    proc.signal(signal.SIGINT)
+    await proc.wait_for("event=draining")
+    proc.signal(signal.SIGTERM)
+    assert await proc.wait(timeout=10) == 0
+    assert "event=second_signal" in proc.log
+    client.close()

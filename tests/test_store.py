@@ -1,0 +1,176 @@
+"""The store on a real SQLite file: modes, secrets, migrations, journal."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+
+from relayd.errors import NotFound, StoreError
+from relayd.store import SCHEMA_VERSION, Store
+
+
+@pytest.fixture
+async def store(tmp_path: Path):
+    s = Store(tmp_path / "state" / "relayd.db")
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_database_files_are_private_whatever_the_umask(tmp_path: Path):
+    old = os.umask(0)
+    try:
+        s = Store(tmp_path / "state" / "relayd.db")
+        await s.open()
+        owner, _, app = await s.create_owner("free")
+        await s.create_user(owner.owner_id, app.idapp, 10, 10)
+        for f in (tmp_path / "state").iterdir():
+            mode = stat.S_IMODE(f.stat().st_mode)
+            assert mode & 0o077 == 0, f"{f.name} has mode {oct(mode)}"
+        assert stat.S_IMODE((tmp_path / "state").stat().st_mode) & 0o077 == 0
+        await s.close()
+    finally:
+        os.umask(old)
+
+
+async def test_wal_mode_and_schema_version(store: Store):
+    row = await (await store.db.execute("PRAGMA journal_mode")).fetchone()
+    assert row[0] == "wal"
+    row = await (await store.db.execute("PRAGMA user_version")).fetchone()
+    assert row[0] == SCHEMA_VERSION
+    assert await store.integrity_check() == "ok"
+
+
+async def test_newer_schema_is_refused(tmp_path: Path):
+    path = tmp_path / "relayd.db"
+    con = sqlite3.connect(path)
+    con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    con.close()
+    s = Store(path)
+    with pytest.raises(StoreError, match="newer than this relayd"):
+        await s.open()
+    await s.close()
+
+
+async def test_reopen_keeps_records_and_does_not_remigrate(tmp_path: Path):
+    path = tmp_path / "relayd.db"
+    s = Store(path)
+    await s.open()
+    owner, token, app = await s.create_owner("paid")
+    user, password = await s.create_user(owner.owner_id, app.idapp, 5, 3)
+    await s.close()
+    s2 = Store(path)
+    await s2.open()
+    assert s2.check_password(user.name, password) == user
+    assert (await s2.authenticate_owner(owner.owner_id, token)).plan == "paid"
+    await s2.close()
+
+
+async def test_only_hashes_of_secrets_are_stored(tmp_path: Path, store: Store):
+    owner, token, app = await store.create_owner("free")
+    user, password = await store.create_user(owner.owner_id, app.idapp, 10, 10)
+    await store.close()
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "state").iterdir() if p.is_file())
+    assert password.encode() not in raw
+    assert token.encode() not in raw
+    await store.open()
+
+
+async def test_generated_credentials(store: Store):
+    owner, token, app = await store.create_owner("free")
+    names = set()
+    for _ in range(20):
+        user, password = await store.create_user(owner.owner_id, app.idapp, 10, 10)
+        assert re.fullmatch(r"smtp\d+", user.name)
+        names.add(user.name)
+        # token_urlsafe: 6 bits per character; SPEC 3.13 wants >= 128 bits.
+        assert len(password) * 6 >= 128
+        assert re.fullmatch(r"[A-Za-z0-9_-]+", password)
+    assert len(names) == 20
+    assert len(token) * math.log2(64) >= 128
+    assert re.fullmatch(r"[0-9a-f]{24}", owner.owner_id)
+    assert re.fullmatch(r"[0-9a-f]{24}", app.idapp)
+
+
+async def test_password_checks(store: Store):
+    owner, token, app = await store.create_owner("free")
+    user, password = await store.create_user(owner.owner_id, app.idapp, 10, 10)
+    assert store.check_password(user.name, password) == user
+    assert store.check_password(user.name, password + "x") is None
+    assert store.check_password("smtp0", password) is None
+    assert store.check_password(user.name, "") is None
+    new = await store.reset_password(user.name, owner.owner_id)
+    assert store.check_password(user.name, password) is None, "old password must stop at once"
+    assert store.check_password(user.name, new) == user
+    assert await store.authenticate_owner(owner.owner_id, token + "x") is None
+    assert await store.authenticate_owner("0" * 24, token) is None
+
+
+async def test_other_owner_sees_nothing(store: Store):
+    a, _, app_a = await store.create_owner("free")
+    b, _, _ = await store.create_owner("free")
+    user, _ = await store.create_user(a.owner_id, app_a.idapp, 10, 10)
+    with pytest.raises(NotFound):
+        await store.update_user(user.name, b.owner_id, status="Disable")
+    with pytest.raises(NotFound):
+        await store.reset_password(user.name, b.owner_id)
+    with pytest.raises(NotFound):
+        await store.get_app(app_a.idapp, owner_id=b.owner_id)
+    with pytest.raises(NotFound):
+        await store.create_user(b.owner_id, app_a.idapp, 10, 10)
+    up = await store.create_upstream({"idapp": app_a.idapp, "host": "h", "port": 25})
+    with pytest.raises(NotFound):
+        await store.get_upstream(up.idsmtp, owner_id=b.owner_id)
+    assert await store.list_users(b.owner_id) == []
+
+
+async def test_journal_keeps_sent_total_and_window(store: Store):
+    owner, _, app = await store.create_owner("free")
+    user, _ = await store.create_user(owner.owner_id, app.idapp, 100, 100)
+    await store.journal_send(user.name, 1000.0, 3)
+    await store.journal_send(user.name, 2000.0, 2)
+    await store.journal_send(user.name, 2000.0, -2)      # the 2000.0 message failed
+    usage = await store.load_usage(now=2500.0)
+    assert usage[user.name] == (3, [(1000.0, 3)])
+    # The window is the last hour: at t=4700 the t=1000 entry has aged out,
+    # but sent_total keeps it.
+    assert await store.prune_sends(now=4700.0) == 1     # only the t=1000 row
+    assert await store.load_usage(now=4700.0) == {user.name: (3, [])}
+
+
+async def test_upstream_error_counting(store: Store):
+    owner, _, app = await store.create_owner("free")
+    up = await store.create_upstream({"idapp": app.idapp, "host": "h", "port": 25})
+    await store.record_upstream_result(up.idsmtp, False, 10.0)
+    await store.record_upstream_result(up.idsmtp, False, 11.0)
+    got = await store.get_upstream(up.idsmtp)
+    assert (got.numerrors, got.last_error) == (2, 11.0)
+    await store.record_upstream_result(up.idsmtp, True, 12.0)
+    assert (await store.get_upstream(up.idsmtp)).numerrors == 0
+
+
+async def test_removing_owner_cascades(store: Store):
+    owner, _, app = await store.create_owner("free")
+    user, password = await store.create_user(owner.owner_id, app.idapp, 10, 10)
+    await store.create_upstream({"idapp": app.idapp, "host": "h", "port": 25})
+    await store.remove_owner(owner.owner_id)
+    assert store.get_user(user.name) is None
+    assert await store.list_upstreams(app.idapp) == []
+    with pytest.raises(NotFound):
+        await store.remove_owner(owner.owner_id)
+
+
+async def test_online_backup(tmp_path: Path, store: Store):
+    owner, _, app = await store.create_owner("free")
+    dest = tmp_path / "backup.db"
+    await store.backup(str(dest))
+    con = sqlite3.connect(dest)
+    assert con.execute("SELECT owner_id FROM owners").fetchone()[0] == owner.owner_id
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
