@@ -184,6 +184,13 @@ class UpstreamSpec(Strict):
         "host", "username", "password", "defaultfromemail", "defaultfromname"
     )(_no_crlf)
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
     @model_validator(mode="after")
     def _one_tls_mode(self) -> UpstreamSpec:
         if self.startstls and self.ssltls:
@@ -214,14 +221,7 @@ class Config(Strict):
     system_smtps: list[UpstreamSpec] = Field(default_factory=list)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @model_validator(mode="after")
-    def _tls_files_when_needed(self) -> Config:
-        for i, lst in enumerate(self.listen):
-            if lst.tls != "none" and self.tls is None:
-                raise ValueError(
-                    f"listen[{i}] uses tls: {lst.tls}, so tls.cert and tls.key are required"
-                )
-        return self
+    _crlf = field_validator("hostname")(_no_crlf)
 
     @property
     def database_path(self) -> Path:
@@ -242,17 +242,37 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
+def yaml_type(value: Any) -> str:
+    """The YAML name of a decoded value's type, for error messages."""
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+def yaml_repr(value: Any) -> str:
+    """A scalar as YAML shows it: true/false/null, not Python's reprs."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
 def _describe(err: dict[str, Any]) -> str:
-    if err["type"] == "extra_forbidden":
+    kind = err["type"]
+    value = err.get("input")
+    if kind == "extra_forbidden":
         return "unknown key"
-    if err["type"] == "missing":
+    if kind == "missing":
         return "required key is missing"
-    msg = err["msg"]
-    msg = msg.removeprefix("Value error, ")
-    if err["type"] not in ("value_error",) and "input" in err:
-        value = err["input"]
-        if not isinstance(value, (dict, list)):
-            msg += f" (got {value!r})"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return f"expected a mapping of keys, got {yaml_type(value)}"
+    if kind == "list_type":
+        return f"expected a list, got {yaml_type(value)}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind != "value_error" and not isinstance(value, (dict, list)):
+        msg += f" (got {yaml_repr(value)})"
     return msg
 
 
@@ -269,11 +289,48 @@ def parse(data: Any, source: str = "<config>") -> Config:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(source, [f"(top level): expected a mapping of keys, got {type(data).__name__}"])
+        raise ConfigError(source, [f"(top level): expected a mapping of keys, got {yaml_type(data)}"])
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(source, format_errors(exc)) from None
+    problems = cross_checks(cfg)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def cross_checks(cfg: Config) -> list[str]:
+    """Rules between keys, reported at the path an operator must edit."""
+    problems = []
+    needs_tls = [f"listen[{i}] uses tls: {lst.tls}" for i, lst in enumerate(cfg.listen)
+                 if lst.tls != "none"]
+    if needs_tls and cfg.tls is None:
+        problems.append(f"tls: required because {needs_tls[0]} (add tls.cert and tls.key)")
+    seen: dict[tuple[str, int], int] = {}
+    for i, lst in enumerate(cfg.listen):
+        key = (lst.host, lst.port)
+        if lst.port != 0 and key in seen:
+            problems.append(f"listen[{i}].address: {lst.address!r} is already used by "
+                            f"listen[{seen[key]}]")
+        seen.setdefault(key, i)
+    return problems
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys: PyYAML keeps the last one
+    silently, so an operator's second `log_level:` would win unseen."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_file(path: str | os.PathLike[str]) -> Config:
@@ -282,8 +339,11 @@ def load_file(path: str | os.PathLike[str]) -> Config:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(path, [f"cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, [f"cannot read: not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} "
+                                 f"at offset {exc.start})"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f"line {where.line + 1}: " if where else ""
@@ -295,11 +355,28 @@ def load_file(path: str | os.PathLike[str]) -> Config:
 
 def check_files(cfg: Config, source: str) -> None:
     """What the schema cannot see: do the TLS files load? (like ``nginx -t``)."""
-    if cfg.tls is not None:
+    if cfg.tls is None:
+        return
+    problems = []
+    for key, marker, what in (("cert", b"-----BEGIN CERTIFICATE-----", "certificate"),
+                              ("key", b"PRIVATE KEY-----", "private key")):
+        path = getattr(cfg.tls, key)
+        try:
+            with open(path, "rb") as f:
+                pem = f.read(1 << 20)
+        except OSError as exc:
+            problems.append(f"tls.{key}: cannot read {path!r}: {exc.strerror}")
+            continue
+        if marker not in pem:
+            problems.append(f"tls.{key}: {path!r} holds no PEM {what}")
+    if not problems:
         try:
             server_tls_context(cfg.tls)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(source, [f"tls: cannot load cert/key: {exc}"]) from None
+        except ssl.SSLError:
+            problems.append("tls: the private key does not match the certificate, "
+                            "or a PEM block is damaged")
+    if problems:
+        raise ConfigError(source, problems)
 
 
 def embedded_default() -> Config:
@@ -334,6 +411,21 @@ def server_tls_context(files: TLSFiles) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(files.cert, files.key)
     return ctx
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{"limits": {"max_recipients": 100}} -> {"limits.max_recipients": 100}."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        out = {}
+        for i, v in enumerate(data):
+            out.update(flatten(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: data}
 
 
 def effective(cfg: Config) -> dict[str, Any]:

@@ -224,11 +224,15 @@ class Relay:
             return False
         try:
             new = self.source.load()
-        except ConfigError as exc:
+            # Validate the certificate into a scratch context before swapping.
+            if new.tls is not None:
+                server_tls_context(new.tls)
+        except (ConfigError, OSError, ssl.SSLError) as exc:
+            problems = exc.problems if isinstance(exc, ConfigError) else [f"tls: {exc}"]
             metrics.CONFIG_RELOADS.labels("error").inc()
-            for problem in exc.problems:
-                event(log, logging.ERROR, "reload_failed", config=exc.source, error=problem)
-            event(log, logging.ERROR, "reload_failed", config=exc.source,
+            for problem in problems:
+                event(log, logging.ERROR, "reload_failed", config=str(self.source), error=problem)
+            event(log, logging.ERROR, "reload_failed", config=str(self.source),
                   error="keeping the running configuration", generation=self.generation)
             return False
         old = self.config

@@ -36,13 +36,9 @@ RELAYD = [sys.executable, "-m", "relayd"]
 # Corpus cases whose .expected is the message relayd SHOULD print but does
 # not yet (config.py is another change's file). strict: the day relayd prints
 # it, the test fails as XPASS and the entry must be removed from here.
-KNOWN_GAPS = {
-    "not-utf8": "a non-UTF-8 file raises UnicodeDecodeError with a traceback",
-    "duplicate-key": "PyYAML silently keeps the last of two equal keys",
-    "hostname-crlf": "hostname (banner/EHLO text) accepts CR/LF",
-    "system-smtp-empty-host": "an empty upstream host is accepted",
-    "duplicate-listener": "--check passes two listeners on one address; start then fails",
-}
+# Cases whose .expected holds the message relayd should give but does not
+# yet: strict xfails, so fixing one turns its test red until it moves here.
+KNOWN_GAPS: dict[str, str] = {}
 
 BAD_CASES = sorted(p.stem for p in BAD.glob("*.yaml"))
 GOOD_CASES = sorted(p.name for p in GOOD.glob("*.yaml"))
@@ -242,7 +238,7 @@ def test_example_config_passes_check(tmp_path: Path, tls_pair: tuple[str, str]) 
 def test_example_config_without_tls_files_names_tls() -> None:
     r = run_relayd("-c", str(EXAMPLE), "--check")
     assert r.returncode == 1
-    assert f"{EXAMPLE}: tls: cannot load cert/key" in r.stderr
+    assert f"{EXAMPLE}: tls.cert: cannot read '/etc/relayd/cert.pem'" in r.stderr
 
 
 def _schema_keys(model: type[Any], prefix: str = "") -> set[str]:
@@ -440,4 +436,18 @@ def test_check_files_loads_real_tls(tls_pair: tuple[str, str]) -> None:
     swapped = cfg.model_copy(update={"tls": config.TLSFiles(cert=key, key=cert)})
     with pytest.raises(config.ConfigError) as info:
         config.check_files(swapped, "x")
-    assert info.value.problems[0].startswith("tls: cannot load cert/key")
+    assert info.value.problems[0] == f"tls.cert: {key!r} holds no PEM certificate"
+
+
+def test_check_files_names_a_key_that_does_not_match(tls_pair: tuple[str, str],
+                                                      tmp_path: Path) -> None:
+    cert, _ = tls_pair
+    other = trustme.CA().issue_cert("localhost")
+    other_key = tmp_path / "other-key.pem"
+    other.private_key_pem.write_to_path(str(other_key))
+    cfg = config.parse({"listen": [{"address": "127.0.0.1:0", "tls": "implicit"}],
+                        "tls": {"cert": cert, "key": str(other_key)}})
+    with pytest.raises(config.ConfigError) as info:
+        config.check_files(cfg, "x")
+    assert info.value.problems == [
+        "tls: the private key does not match the certificate, or a PEM block is damaged"]
