@@ -17,6 +17,7 @@ of (timestamp, count) per user and trimmed lazily.
 from __future__ import annotations
 
 import enum
+import re
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -150,15 +151,28 @@ def rewrite_verdict(upstream: Upstream, envelope_sender: str,
                           format_from(upstream.defaultfromname, upstream.defaultfromemail))
 
 
+# C0 controls and DEL. A From: value is one line: a CR or LF taken from a
+# stored name or address would inject header fields (e.g. "Bcc:"). The admin
+# API refuses them (SPEC 4.5), but domain settings and direct store writes
+# reach here too, so the header is made safe where it is built.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]+")
+
+
 def format_from(name: str | None, address: str) -> str:
-    """``name <address>``; the name is quoted when it holds RFC 5322 specials."""
+    """``name <address>`` on one line; the name is quoted when it holds
+    RFC 5322 specials, RFC 2047-encoded when it is not ASCII."""
+    address = _CONTROLS.sub("", address)
+    name = _CONTROLS.sub(" ", name).strip() if name else name
     if not name:
         return address
     if any(c in name for c in '()<>[]:;@\\,."'):
         name = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
     elif not name.isascii():
         from email.header import Header
-        name = Header(name, "utf-8").encode()
+        # Header.encode() folds long names with a bare "\n ": inside a CRLF
+        # message that is a bare LF. Adjacent encoded-words separated by a
+        # space decode to the same text (RFC 2047 6.2), so keep one line.
+        name = " ".join(Header(name, "utf-8").encode().split())
     return f"{name} <{address}>"
 
 

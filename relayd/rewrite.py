@@ -67,7 +67,12 @@ def rewrite_from(msg: bytes, new_from: str) -> bytes:
     fs = fields(msg)
     froms = [(s, e) for s, e, n in fs if n == b"from"]
     has_reply_to = any(n == b"reply-to" for _, _, n in fs)
-    newline = b"\r\n" if b"\r\n" in msg[:header_end(msg) or len(msg)] or not msg else b"\n"
+    # The header block's line ending, judged on the block plus the separator
+    # line after it: a message with no header fields at all used to be judged
+    # on its whole body (hypothesis found "\n" + a CRLF body getting a CRLF
+    # From:). No line ending at all: CRLF, SMTP's canonical form.
+    head = msg[:header_end(msg) + 2]
+    newline = b"\r\n" if b"\r\n" in head or b"\n" not in head else b"\n"
     new_field = b"From: " + new_from.encode("utf-8") + newline
     if not froms:
         return new_field + msg

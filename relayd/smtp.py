@@ -50,6 +50,12 @@ DATA_CHUNK = 256 * 1024
 # exceed the message size a little.
 DATA_SLACK = 64 * 1024
 CRLF_DOT_CRLF = b"\r\n.\r\n"
+# A DATA command line ending in a bare LF is refused and the connection
+# closed, as Postfix does with smtpd_forbid_bare_newline: the client is about
+# to send a body, and reading that body as commands would execute whatever
+# SMTP commands it carries (SMTP smuggling, SPEC 3.10). (Belongs in
+# replies.py, which this change may not touch.)
+BARE_LF_REPLY = "500 5.5.2 Error: bare <LF> received"
 
 
 def _bad_address(address: str) -> bool:
@@ -96,6 +102,32 @@ class RelaySMTP(SMTP):
 
     def _create_session(self) -> Session:
         return Session(self.loop)
+
+    def _cb_client_connected(self, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+        # aiosmtpd reads command lines with readuntil(b"\n") and strips the
+        # line ending, so "DATA\n" would open DATA like "DATA\r\n" does.
+        # Remember how the last line ended; smtp_DATA refuses a bare LF.
+        super()._cb_client_connected(reader, writer)
+        self._bare_lf = False
+        readuntil = reader.readuntil
+
+        async def readuntil_noting_bare_lf(separator: bytes = b"\n") -> bytes:
+            line = await readuntil(separator)
+            self._bare_lf = not line.endswith(b"\r\n")
+            return line
+
+        reader.readuntil = readuntil_noting_bare_lf  # type: ignore[method-assign]
+
+    def _set_rset_state(self) -> None:
+        # aiosmtpd discards the envelope here on RSET, HELO, EHLO and the
+        # restart after STARTTLS (which also replaces the session object):
+        # the quota units its RCPTs reserved go back with it. Without this an
+        # EHLO mid-transaction leaked the units until disconnect and charged
+        # them to the next message of the session, and STARTTLS leaked them
+        # for good.
+        self.event_handler.release(self.session)
+        super()._set_rset_state()
 
     # -- connection accounting, admission and lockout
 
@@ -147,6 +179,10 @@ class RelaySMTP(SMTP):
     # -- DATA
 
     async def smtp_DATA(self, arg: str | None) -> None:
+        if getattr(self, "_bare_lf", False):
+            await self.push(BARE_LF_REPLY)
+            self.close()
+            return
         if await self.check_helo_needed():
             return
         if await self.check_auth_needed("DATA"):

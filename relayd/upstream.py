@@ -58,6 +58,11 @@ async def send_once(u: Upstream, sender: str, recipients: Sequence[str], message
         use_tls=u.ssltls, start_tls=False if u.ssltls else u.startstls,
         validate_certs=u.verify_tls, tls_context=client_tls_context(u.verify_tls),
         timeout=command_timeout)
+    # After a timeout or a cancellation (the failover deadline) the dialogue
+    # is out of step: the server may still be busy with our last command, so
+    # a QUIT would only wait out its own grace period (which delayed the
+    # client's reply past failover.deadline). Such a connection is dropped.
+    in_step = True
     try:
         try:
             await client.connect(timeout=connect_timeout)
@@ -86,7 +91,11 @@ async def send_once(u: Upstream, sender: str, recipients: Sequence[str], message
         return _reply(response.code, response.message)
     except UpstreamError:
         raise
+    except asyncio.CancelledError:
+        in_step = False
+        raise
     except aiosmtplib.SMTPTimeoutError as exc:
+        in_step = False
         raise UpstreamError(f"timeout: {exc}") from None
     except aiosmtplib.SMTPServerDisconnected as exc:
         raise UpstreamError(f"disconnected: {exc}") from None
@@ -95,7 +104,9 @@ async def send_once(u: Upstream, sender: str, recipients: Sequence[str], message
     except (OSError, ssl.SSLError) as exc:
         raise UpstreamError(f"connection failed: {exc.strerror or exc}") from None
     finally:
-        if client.is_connected:
+        if client.is_connected and not in_step:
+            client.close()
+        elif client.is_connected:
             try:
                 await asyncio.wait_for(client.quit(), 1.0)
             except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
