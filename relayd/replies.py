@@ -37,7 +37,8 @@ BAD_RCPT_ADDRESS = "553 5.1.3 Recipient address contains characters that are not
 QUEUED = "250 2.0.0 Ok: queued as {id}"
 DELIVERY_DEFERRED = "451 4.4.1 Delivery failed temporarily: {reply}"
 DELIVERY_REFUSED = "554 5.0.0 Upstream refused the message: {reply}"
-LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)"
+# Postfix's smtpd_forbid_bare_newline answer to "DATA<LF>" (then disconnect).
+BARE_LF = "500 5.5.2 Error: bare <LF> received"
 
 # Session
 INTERNAL_ERROR = "451 4.3.0 Internal error, try again later"

@@ -50,12 +50,6 @@ DATA_CHUNK = 256 * 1024
 # exceed the message size a little.
 DATA_SLACK = 64 * 1024
 CRLF_DOT_CRLF = b"\r\n.\r\n"
-# A DATA command line ending in a bare LF is refused and the connection
-# closed, as Postfix does with smtpd_forbid_bare_newline: the client is about
-# to send a body, and reading that body as commands would execute whatever
-# SMTP commands it carries (SMTP smuggling, SPEC 3.10). (Belongs in
-# replies.py, which this change may not touch.)
-BARE_LF_REPLY = "500 5.5.2 Error: bare <LF> received"
 
 
 def _bad_address(address: str) -> bool:
@@ -176,11 +170,21 @@ class RelaySMTP(SMTP):
                 await super().push(replies.TOO_MANY_ERRORS)
                 self.close()
 
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        # SASL mechanism names are case-insensitive (RFC 4422 3.1); aiosmtpd
+        # matches them exactly, so "auth plain" would get 504.
+        if arg:
+            mechanism, sep, rest = arg.partition(" ")
+            arg = mechanism.upper() + sep + rest
+        await super().smtp_AUTH(arg)
+
     # -- DATA
 
     async def smtp_DATA(self, arg: str | None) -> None:
         if getattr(self, "_bare_lf", False):
-            await self.push(BARE_LF_REPLY)
+            # The client is about to send a body; reading it as commands
+            # would execute whatever SMTP it carries (SMTP smuggling).
+            await self.push(replies.BARE_LF)
             self.close()
             return
         if await self.check_helo_needed():
@@ -324,8 +328,11 @@ class RelayHandler:
         if user is None:
             metrics.AUTH_ATTEMPTS.labels("failure").inc()
             locked = relay.throttle.failure(session.ip, now)
+            # Only a real user name is logged: what a client typed into the
+            # user field may be its password.
+            known = relay.store.get_user(name) is not None
             event(log, logging.INFO, "auth_failed", session=session.id, client=session.ip,
-                  user=name if name.isprintable() and len(name) <= 64 else "?", locked=locked)
+                  user=name if known else "(unknown)", locked=locked)
             return AuthResult(success=False, handled=False, message=replies.AUTH_INVALID)
         if not user.enabled:
             metrics.AUTH_ATTEMPTS.labels("disabled").inc()

@@ -87,7 +87,7 @@ async def send_once(u: Upstream, sender: str, recipients: Sequence[str], message
                     pass
             else:
                 reply = _reply(exc.code, exc.message)
-            raise UpstreamError(reply, permanent=500 <= exc.code < 600, code=exc.code) from None
+            raise UpstreamError(reply, permanent=is_permanent(exc.code), code=exc.code) from None
         return _reply(response.code, response.message)
     except UpstreamError:
         raise
@@ -111,6 +111,16 @@ async def send_once(u: Upstream, sender: str, recipients: Sequence[str], message
                 await asyncio.wait_for(client.quit(), 1.0)
             except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
                 client.close()
+
+
+# 5xx replies that speak of the upstream's setup, not of the message: TLS or
+# AUTH required (530, 538), credentials refused (535). The next upstream may
+# well take the message, so these fail over like a 4xx.
+SETUP_REFUSALS = frozenset({530, 535, 538})
+
+
+def is_permanent(code: int) -> bool:
+    return 500 <= code < 600 and code not in SETUP_REFUSALS
 
 
 @dataclass

@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from conftest import simple_message, sink_upstream
+from conftest import simple_message, sink_upstream, smtp_client
 from helpers_smtp import authed, upstream_by_port
 from relayd import routing
 from relayd.records import DomainSettings, Upstream
@@ -337,3 +337,20 @@ async def test_upstream_command_timeout_fails_over(relay_factory, sink_factory, 
     assert (await send(relay, tenant)).code == 250
     assert len(spare.messages) == 1
     assert (await upstream_by_port(relay, tenant.idapp, slow.port)).numerrors == 1
+
+
+async def test_upstream_requiring_starttls_fails_over_instead_of_bouncing(
+        relay, sink_factory, provision):
+    # A 530 "must issue STARTTLS" to MAIL is the upstream's setup, not the
+    # message: the next upstream takes it (SPEC 3.7), no 554.
+    needs_tls = await sink_factory(tls="starttls")
+    good = await sink_factory()
+    tenant = await provision(relay, plan="paid", strategy="priority", upstreams=[
+        sink_upstream(needs_tls, priority=0, startstls=False),
+        sink_upstream(good, priority=1)])
+    client = await smtp_client(relay, tenant)
+    await client.sendmail("app@example.com", ["r@example.net"], simple_message())
+    await client.quit()
+    assert len(good.messages) == 1
+    up = await upstream_by_port(relay, tenant.idapp, needs_tls.port)
+    assert up.numerrors == 1

@@ -676,3 +676,27 @@ async def test_tls_client_hello_on_plain_port(relay):
     c = await RawSMTP.open(relay.smtp_ports[0])
     assert c.banner.code == 220
     await c.close()
+
+
+async def test_auth_mechanism_names_are_case_insensitive(relay, provision):
+    # RFC 4422 3.1: "auth plain" is AUTH PLAIN (Postfix accepts it too).
+    tenant = await provision(relay)
+    c = await RawSMTP.open(relay.smtp_ports[0])
+    await c.ehlo()
+    r = await c.cmd(b"auth plain " + plain_blob(tenant.user, tenant.password))
+    assert (r.code, r.enhanced) == (235, "2.7.0"), r
+    await c.close()
+
+
+async def test_failed_auth_logs_only_real_user_names(relay, provision, caplog):
+    tenant = await provision(relay)
+    c = await RawSMTP.open(relay.smtp_ports[0])
+    await c.ehlo()
+    # A password typed into the user field must not reach the log.
+    typed = "correct-horse-battery-staple"
+    assert (await c.cmd(b"AUTH PLAIN " + plain_blob(typed, "x"))).code == 535
+    assert (await c.cmd(b"AUTH PLAIN " + plain_blob(tenant.user, "wrong"))).code == 535
+    await c.close()
+    logged = "\n".join(r.getMessage() + str(getattr(r, "logfmt", "")) for r in caplog.records)
+    assert typed not in logged
+    assert "(unknown)" in logged and tenant.user in logged
