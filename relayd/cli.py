@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import sys
+from typing import Any
 
 from . import __version__, config, maillog
 from .errors import ConfigError
@@ -66,11 +66,20 @@ def relayd_main(argv: list[str] | None = None) -> int:
     maillog.setup(cfg.log_level)
     from . import daemon
     maillog.event(daemon.log, logging.INFO, "config", source=str(source),
-                  effective=json.dumps(config.effective(cfg), separators=(",", ":")))
+                  **config.flatten(config.effective(cfg)))
     try:
-        return asyncio.run(daemon.run(cfg, source))
+        return run_loop(daemon.run(cfg, source))
     except KeyboardInterrupt:
         return 0
+
+
+def run_loop(main: Any) -> int:
+    """Run on uvloop when it is installed (it is a dependency), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def relayctl_main(argv: list[str] | None = None) -> int:

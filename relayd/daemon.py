@@ -30,6 +30,7 @@ from .config import Config, Source, server_tls_context
 from .errors import ConfigError, StoreError
 from .maillog import event
 from .policy import AuthThrottle, Ledger
+from .pool import Pool
 from .records import SmtpUser, Upstream, domain_of
 from .store import Store
 
@@ -59,6 +60,7 @@ class Relay:
         self.store = Store(config.database_path)
         self.ledger = Ledger()
         self.errors = routing.ErrorBook()
+        self.pool = Pool()
         self.throttle = AuthThrottle(config.auth_failures.max, config.auth_failures.window)
         self.rng = random.SystemRandom()
         self.system = system_upstreams(config)
@@ -96,8 +98,6 @@ class Relay:
                   port=self.port_of(server))
         self.other_servers.extend(await admin.start(self))
         self._tasks.append(asyncio.create_task(self._prune_loop()))
-        event(log, logging.INFO, "started", config=str(self.source or "<in-process>"),
-              generation=self.generation)
 
     @staticmethod
     def port_of(server: asyncio.AbstractServer) -> int:
@@ -150,6 +150,7 @@ class Relay:
             server.close()
         if self.inflight:
             await asyncio.wait(list(self.inflight), timeout=5)
+        await self.pool.close()
         await self.store.close()
         self.stopped.set()
         event(log, logging.INFO, "stopped")
@@ -282,6 +283,8 @@ async def run(config: Config, source: Source) -> int:
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    # Ready only now: a signal that arrives after this line is handled.
+    event(log, logging.INFO, "started", config=str(source), generation=relay.generation)
     sd_notify("READY=1")
     await relay.stopped.wait()
     sd_notify("STOPPING=1")

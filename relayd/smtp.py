@@ -473,7 +473,7 @@ class RelayHandler:
         outcome = await deliver(
             candidates, rcpts, prepare, relay.record_result, local_hostname=relay.hostname,
             connect_timeout=cfg.timeouts.connect, command_timeout=cfg.timeouts.command,
-            deadline=cfg.failover.deadline)
+            deadline=cfg.failover.deadline, pool=relay.pool)
         metrics.DELIVERY_DURATION.observe(time.monotonic() - started)
         last = outcome.last
         assert last is not None

@@ -22,8 +22,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiosmtplib
+from aiosmtplib.protocol import normalize_message_line_endings
 
 from .errors import UpstreamError
+from .pool import Pool
 from .records import Upstream
 
 log = logging.getLogger("relayd.upstream")
@@ -49,68 +51,153 @@ def _reply(code: int | None, message: str) -> str:
     return f"{code} {text}" if code else text
 
 
-async def send_once(u: Upstream, sender: str, recipients: Sequence[str], message: bytes, *,
-                    local_hostname: str, connect_timeout: float, command_timeout: float) -> str:
-    """One attempt through one upstream; return its final reply text or raise
-    UpstreamError (classified)."""
+def wire_data(message: bytes) -> tuple[bytes, ...]:
+    """The bytes to send after DATA: CRLF line endings, dot-stuffed (RFC 5321
+    4.5.2), ending with <CRLF>.<CRLF>.
+
+    The common case (every line already ends in CRLF, no bare CR or LF) is
+    checked with three C-speed counts and stuffed with one bytes.replace; only
+    a message with bare line endings goes through aiosmtplib's per-line
+    normaliser, which turns each bare LF/CR into CRLF. That also defuses
+    SMTP smuggling downstream: a bare "\n.\n" can never reach an upstream
+    as a line holding a lone dot.
+    """
+    crlf = message.count(b"\r\n")
+    if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
+        message = normalize_message_line_endings(message)
+    if b"\r\n." in message:
+        message = message.replace(b"\r\n.", b"\r\n..")
+    if message.startswith(b"."):
+        message = b"." + message
+    if message and not message.endswith(b"\r\n"):
+        return message, b"\r\n.\r\n"
+    return message, b".\r\n"
+
+
+async def _data(client: aiosmtplib.SMTP, chunks: tuple[bytes, ...]) -> aiosmtplib.SMTPResponse:
+    """DATA with a payload already in wire form (see wire_data), written as
+    is. aiosmtplib's data() would normalise and stuff it again, line by line
+    with regexes: the largest CPU cost of relaying a big message. This uses
+    the same protocol calls as its execute_data_command (aiosmtplib 5)."""
+    protocol = client.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    async with protocol._command_lock:
+        protocol._response_pending = True
+        protocol.write(b"DATA\r\n")
+        start = await protocol.read_response(timeout=client.timeout)
+        if start.code != 354:
+            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        protocol._response_pending = True
+        for chunk in chunks:
+            protocol.write(chunk)
+        response = await protocol.read_response(timeout=client.timeout)
+    if response.code != 250:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    return response
+
+
+async def _open(u: Upstream, local_hostname: str, connect_timeout: float,
+                command_timeout: float) -> aiosmtplib.SMTP:
+    """A connected, greeted, TLS-ed and authenticated client, or UpstreamError."""
     client = aiosmtplib.SMTP(
         hostname=u.host, port=u.port, local_hostname=local_hostname,
         use_tls=u.ssltls, start_tls=False if u.ssltls else u.startstls,
         validate_certs=u.verify_tls, tls_context=client_tls_context(u.verify_tls),
         timeout=command_timeout)
-    # After a timeout or a cancellation (the failover deadline) the dialogue
-    # is out of step: the server may still be busy with our last command, so
-    # a QUIT would only wait out its own grace period (which delayed the
-    # client's reply past failover.deadline). Such a connection is dropped.
-    in_step = True
     try:
-        try:
-            await client.connect(timeout=connect_timeout)
-            if u.auth:
-                await client.login(u.username or "", u.password or "")
-        except aiosmtplib.SMTPAuthenticationError as exc:
-            raise UpstreamError(f"AUTH failed: {_reply(exc.code, exc.message)}", code=exc.code) from None
-        except aiosmtplib.SMTPResponseException as exc:
+        await client.connect(timeout=connect_timeout)
+        if u.auth:
+            await client.login(u.username or "", u.password or "")
+        return client
+    except BaseException as exc:
+        client.close()
+        if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+            raise UpstreamError(f"AUTH failed: {_reply(exc.code, exc.message)}",
+                                code=exc.code) from None
+        if isinstance(exc, aiosmtplib.SMTPResponseException):
             raise UpstreamError(_reply(exc.code, exc.message), code=exc.code) from None
+        if isinstance(exc, (aiosmtplib.SMTPException, OSError, ssl.SSLError)):
+            raise _connection_error(exc) from None
+        raise
+
+
+def _connection_error(exc: BaseException) -> UpstreamError:
+    """Classify a failure that is not an SMTP reply: always transient."""
+    if isinstance(exc, aiosmtplib.SMTPTimeoutError):
+        return UpstreamError(f"timeout: {exc}")
+    if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+        return UpstreamError(f"disconnected: {exc}")
+    if isinstance(exc, aiosmtplib.SMTPException):        # STARTTLS not offered, TLS failure...
+        return UpstreamError(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, OSError) and exc.strerror:
+        return UpstreamError(f"connection failed: {exc.strerror}")
+    return UpstreamError(f"connection failed: {exc}")
+
+
+async def send_once(u: Upstream, sender: str, recipients: Sequence[str], message: bytes, *,
+                    local_hostname: str, connect_timeout: float, command_timeout: float,
+                    pool: Pool | None = None) -> str:
+    """One attempt through one upstream; return its final reply text or raise
+    UpstreamError (classified). With a pool the connection is reused and
+    kept; a pooled connection that turns out dead before DATA is replaced
+    once by a fresh one without counting as an upstream error."""
+    payload = wire_data(message)
+
+    async def open_new() -> aiosmtplib.SMTP:
+        return await _open(u, local_hostname, connect_timeout, command_timeout)
+
+    for retry in (False, True):
+        if pool is not None:
+            client, reused = await pool.acquire(u, open_new)
+        else:
+            client, reused = await open_new(), False
+        # Keep the connection only if the dialogue ended in step: after a
+        # timeout or a cancellation (the failover deadline) the server may
+        # still be busy with our last command.
+        keep = False
+        before_data = True
         try:
+            if reused:
+                await client.rset()             # clean state, and proof of life
             await client.mail(sender)
             for rcpt in recipients:
                 await client.rcpt(rcpt)
-            response = await client.data(message)
+            before_data = False
+            response = await _data(client, payload)
+            keep = True
+            return _reply(response.code, response.message)
         except aiosmtplib.SMTPResponseException as exc:
-            # SMTPRecipientRefused / SMTPSenderRefused / SMTPDataError
+            if reused and before_data and exc.code == 421 and not retry:
+                continue        # the server closed an idle pooled connection
+            # SMTPRecipientRefused / SMTPSenderRefused / SMTPDataError: the
+            # dialogue is in step; the next use starts with RSET.
+            keep = exc.code != 421
+            reply = _reply(exc.code, exc.message)
             if isinstance(exc, aiosmtplib.SMTPRecipientRefused):
-                reply = f"{_reply(exc.code, exc.message)} (recipient {exc.recipient})"
-                try:
-                    await client.rset()
-                except aiosmtplib.SMTPException:
-                    pass
-            else:
-                reply = _reply(exc.code, exc.message)
+                reply += f" (recipient {exc.recipient})"
             raise UpstreamError(reply, permanent=is_permanent(exc.code), code=exc.code) from None
-        return _reply(response.code, response.message)
-    except UpstreamError:
-        raise
-    except asyncio.CancelledError:
-        in_step = False
-        raise
-    except aiosmtplib.SMTPTimeoutError as exc:
-        in_step = False
-        raise UpstreamError(f"timeout: {exc}") from None
-    except aiosmtplib.SMTPServerDisconnected as exc:
-        raise UpstreamError(f"disconnected: {exc}") from None
-    except aiosmtplib.SMTPException as exc:       # STARTTLS not offered, TLS failure...
-        raise UpstreamError(f"{type(exc).__name__}: {exc}") from None
-    except (OSError, ssl.SSLError) as exc:
-        raise UpstreamError(f"connection failed: {exc.strerror or exc}") from None
-    finally:
-        if client.is_connected and not in_step:
-            client.close()
-        elif client.is_connected:
-            try:
-                await asyncio.wait_for(client.quit(), 1.0)
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+            if reused and before_data and not retry:
+                continue        # stale pooled connection: once more, fresh
+            raise _connection_error(exc) from None
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise _connection_error(exc) from None
+        finally:
+            if pool is not None:
+                (pool.release if keep else pool.discard)(u, client)
+            elif keep:
+                await _quit(client)
+            else:
                 client.close()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _quit(client: aiosmtplib.SMTP) -> None:
+    try:
+        await asyncio.wait_for(client.quit(), 1.0)
+    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+        client.close()
 
 
 # 5xx replies that speak of the upstream's setup, not of the message: TLS or
@@ -160,7 +247,7 @@ Record = Callable[[Upstream, str, str], Awaitable[None]]
 
 async def deliver(candidates: Sequence[Upstream], recipients: Sequence[str], prepare: Prepare,
                   record: Record, *, local_hostname: str, connect_timeout: float,
-                  command_timeout: float, deadline: float) -> Outcome:
+                  command_timeout: float, deadline: float, pool: Pool | None = None) -> Outcome:
     """Try ``candidates`` in order until one accepts, a permanent refusal, or
     ``deadline`` seconds pass (SPEC 3.7)."""
     outcome = Outcome()
@@ -177,7 +264,7 @@ async def deliver(candidates: Sequence[Upstream], recipients: Sequence[str], pre
                 reply = await send_once(u, sender, recipients, message,
                                         local_hostname=local_hostname,
                                         connect_timeout=min(connect_timeout, remaining),
-                                        command_timeout=command_timeout)
+                                        command_timeout=command_timeout, pool=pool)
         except TimeoutError:
             err = UpstreamError(f"failover deadline of {deadline:g}s reached")
         except UpstreamError as exc:

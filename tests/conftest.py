@@ -82,8 +82,33 @@ class Sink:
     messages: list[Received] = field(default_factory=list)
     port: int = 0
     server: asyncio.AbstractServer | None = None
-    connections: int = 0
+    connections: int = 0          # TCP connections (relayd pools and reuses them)
+    transactions: int = 0         # MAIL commands: one per delivery attempt
+    resets: int = 0               # RSET commands
+    protocols: list[SMTP] = field(default_factory=list)
     hang_event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def drop_connections(self) -> None:
+        """Close every open connection from the server side, as an upstream
+        does to idle clients."""
+        for p in self.protocols:
+            if p.transport is not None:
+                p.transport.close()
+
+    @property
+    def open_connections(self) -> int:
+        return sum(1 for p in self.protocols if p.transport is not None)
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.resets += 1
+        return "250 OK"
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, options: list[str]) -> str:
+        self.transactions += 1
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, options: list[str]) -> str:
@@ -101,10 +126,13 @@ class Sink:
             return "451 4.3.0 Sink is having a bad day"
         if self.mode == "permfail":
             return "550 5.7.1 Sink refuses this message"
+        auth = session.auth_data
         self.messages.append(Received(
             envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content,
-            auth=getattr(session, "login_data", None) and session.login_data.decode(),
-            tls=session.ssl is not None))
+            auth=auth.login.decode() if isinstance(auth, LoginPassword) else None,
+            # session.ssl is set only by STARTTLS; implicit TLS shows on the transport
+            tls=session.ssl is not None
+            or server.transport.get_extra_info("ssl_object") is not None))
         return "250 2.0.0 Ok: sunk"
 
     def authenticate(self, server: SMTP, session: Session, envelope: Envelope,
@@ -127,12 +155,14 @@ async def sink_factory(server_ssl: ssl.SSLContext) -> AsyncIterator[Callable[...
 
         def factory() -> SMTP:
             sink.connections += 1
-            return SMTP(sink, hostname="sink.test", data_size_limit=None,
-                        tls_context=server_ssl if tls == "starttls" else None,
-                        require_starttls=tls == "starttls",
-                        authenticator=sink.authenticate if username else None,
-                        auth_required=bool(username),
-                        auth_require_tls=False, loop=loop)
+            protocol = SMTP(sink, hostname="sink.test", data_size_limit=None,
+                            tls_context=server_ssl if tls == "starttls" else None,
+                            require_starttls=tls == "starttls",
+                            authenticator=sink.authenticate if username else None,
+                            auth_required=bool(username),
+                            auth_require_tls=False, loop=loop)
+            sink.protocols.append(protocol)
+            return protocol
 
         sink.server = await loop.create_server(
             factory, "127.0.0.1", 0, ssl=server_ssl if tls == "implicit" else None)

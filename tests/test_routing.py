@@ -238,11 +238,11 @@ async def test_cooling_down_upstream_is_skipped(relay_factory, sink_factory, pro
         sink_upstream(flaky, priority=0), sink_upstream(spare, priority=1)])
     for _ in range(2):
         assert (await send(relay, tenant)).code == 250
-    assert flaky.connections == 2
+    assert flaky.transactions == 2
     flaky.mode = "accept"          # it would work now, but it is cooling down
     for _ in range(2):
         assert (await send(relay, tenant)).code == 250
-    assert flaky.connections == 2 and len(spare.messages) == 4
+    assert flaky.transactions == 2 and len(spare.messages) == 4
 
 
 async def test_every_candidate_cooling_down_tries_the_oldest_failure(
@@ -254,10 +254,10 @@ async def test_every_candidate_cooling_down_tries_the_oldest_failure(
         sink_upstream(a, priority=0), sink_upstream(b, priority=1)])
     r = await send(relay, tenant)
     assert (r.code, r.enhanced) == (451, "4.4.1")
-    assert (a.connections, b.connections) == (1, 1)     # a failed first, b last
+    assert (a.transactions, b.transactions) == (1, 1)     # a failed first, b last
     a.mode = b.mode = "accept"
     assert (await send(relay, tenant)).code == 250
-    assert (a.connections, b.connections) == (2, 1)
+    assert (a.transactions, b.transactions) == (2, 1)
     assert len(a.messages) == 1
 
 
