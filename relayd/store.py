@@ -333,6 +333,24 @@ class Store:
                     "SELECT * FROM apps WHERE owner_id = ? ORDER BY created, idapp", (owner_id,))
         return [self._app(r) for r in rows]
 
+    async def default_app(self, owner_id: str) -> App:
+        """The owner's default app: the first one created. ``created`` has
+        millisecond resolution, so insertion order (rowid) decides."""
+        async with self._lock:
+            row = await self._fetchone(
+                "SELECT * FROM apps WHERE owner_id = ? ORDER BY rowid LIMIT 1", (owner_id,))
+        if row is None:
+            raise NotFound("app of owner", owner_id)
+        return self._app(row)
+
+    async def remove_app(self, idapp: str) -> None:
+        """Delete an app with its SMTP users and upstreams (ON DELETE CASCADE)."""
+        async with self._lock:
+            n = await self._write([("DELETE FROM apps WHERE idapp = ?", (idapp,))])
+            if not n:
+                raise NotFound("app", idapp)
+            self._users = {k: v for k, v in self._users.items() if v[0].idapp != idapp}
+
     async def update_app(self, idapp: str, *, strategy: str | None = None,
                          test_email: str | None = None, name: str | None = None) -> App:
         sets = {k: v for k, v in (("strategy", strategy), ("test_email", test_email), ("name", name))

@@ -1,0 +1,559 @@
+"""HTTP/1.1 for the admin socket and the metrics listener: h11 over asyncio
+streams, request decoding and the routing table.
+
+Theory of operation
+-------------------
+h11 does all HTTP parsing (STYLE: no hand-written parser); this module only
+moves bytes between the socket and an ``h11.Connection`` and enforces bounds:
+
+* a request head must be complete within ``HEADER_TIMEOUT`` seconds of its
+  first byte and fit in ``MAX_HEAD`` bytes (slowloris, header floods: 408 /
+  431 and close); only HTTP/1.0 and 1.1 are spoken (505); a kept-alive
+  connection may idle ``IDLE_TIMEOUT`` seconds between requests, a fresh one
+  only ``HEADER_TIMEOUT``;
+* a body may hold ``MAX_BODY`` bytes (SPEC 4.5: 1 MiB). A larger
+  Content-Length is answered 413 at once, without reading the body; a chunked
+  body that grows past it is answered 413 and the connection closed;
+* ambiguous framing is refused, never interpreted (SPEC 4.5, RFC 9112 6.3):
+  h11 itself refuses conflicting Content-Length values, but merges identical
+  duplicates and lets Transfer-Encoding override Content-Length, so both of
+  those are refused here (400 and close);
+* at most ``MAX_CONNECTIONS`` connections per listener; beyond that new ones
+  are closed at once.
+
+Requests are handled one at a time per connection (h11 pipelines by
+buffering). A handler returns a ``Response`` or raises ``ApiError``; any
+other exception is logged here with its traceback and answered 500 in the
+dialect's error shape -- exception text never reaches a client. Query
+strings and bodies are never logged: SendClean clients may put their token
+in either.
+
+Dialects: each route belongs to a ``Dialect`` that renders errors in its own
+JSON shape and answers a store ``NotFound`` its own way; requests that match
+no route (404/405) or fail before routing (400/408/413/431/505) are rendered
+by the dialect owning the path's prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import urllib.parse
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+import h11
+
+from ..errors import NotFound
+
+log = logging.getLogger("relayd.admin")
+
+MAX_BODY = 1 << 20            # SPEC 4.5: request bodies over 1 MiB are refused
+MAX_HEAD = 16 * 1024          # request line + headers; h11 answers 431 beyond
+HEADER_TIMEOUT = 10.0         # seconds for a whole request head (slowloris bound)
+BODY_TIMEOUT = 30.0           # seconds for a whole body once the head arrived
+IDLE_TIMEOUT = 60.0           # keep-alive: seconds between requests
+WRITE_TIMEOUT = 30.0          # a client that does not read its answer is dropped
+MAX_CONNECTIONS = 256         # per listener; tenants on TCP must not exhaust fds
+MAX_FIELDS = 200              # query/form fields per request (urllib's own DoS guard)
+READ_CHUNK = 64 * 1024
+LINGER_TIMEOUT = 2.0          # after a refusal: how long to discard what still arrives
+LINGER_BYTES = 4 * MAX_BODY   # ... and how much of it
+
+# Counted in the raw head (see module docstring): one per request, at most.
+_CONTENT_LENGTH_LINE = re.compile(rb"^content-length[ \t]*:([^\r\n]*)", re.I | re.M)
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+
+
+class ApiError(Exception):
+    """An answer other than success. ``code``: the seed-000 406 code (or the
+    operator API's rule code) where one applies."""
+
+    def __init__(self, status: int, message: str, *, code: int | None = None,
+                 headers: Sequence[tuple[str, str]] = ()):
+        self.status = status
+        self.message = message
+        self.code = code
+        self.headers = list(headers)
+        super().__init__(message)
+
+
+@dataclass
+class Response:
+    status: int = 200
+    body: bytes = b""
+    content_type: str | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    # no-store: answers carry tokens and generated passwords.
+    return Response(status, json.dumps(obj).encode(), "application/json",
+                    [("Cache-Control", "no-store")])
+
+
+def empty_response(status: int = 200) -> Response:
+    return Response(status, b"", None, [("Cache-Control", "no-store")])
+
+
+def text_response(text: str, status: int = 200,
+                  content_type: str = "text/plain; charset=utf-8") -> Response:
+    return Response(status, text.encode(), content_type)
+
+
+def _record_not_found(exc: NotFound) -> ApiError:
+    return ApiError(404, f"{exc.kind} not found")
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How one API dialect spells an error. ``prefixes``: the paths it owns,
+    so that a 404 under ``/settings/`` still answers in SendClean's shape.
+    ``not_found``: its answer when a handler's record does not exist (or
+    belongs to another owner: the store raises the same NotFound)."""
+
+    name: str
+    prefixes: tuple[str, ...]
+    render: Callable[[ApiError], Response]
+    not_found: Callable[[NotFound], ApiError] = _record_not_found
+
+
+def _plain_error(err: ApiError) -> Response:
+    return text_response(f"{err.status} {err.message}\n", err.status)
+
+
+PLAIN = Dialect("plain", (), _plain_error)
+
+
+# ---------------------------------------------------------------- requests
+
+@dataclass
+class Params:
+    """Flat request parameters from the query string and the body.
+    ``text_keys``: those that arrived as text (query, form-encoded) and may be
+    converted (SPEC 4.5: form-encoded numbers and true/false)."""
+
+    values: dict[str, Any]
+    text_keys: set[str]
+
+
+def _pairs(text: str, where: str) -> dict[str, str]:
+    try:
+        pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=True,
+                                       errors="strict", max_num_fields=MAX_FIELDS)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, f"malformed {where}") from None
+    out: dict[str, str] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ApiError(400, f"parameter {key} given more than once")
+        out[key] = value
+    return out
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key}")
+        out[key] = value
+    return out
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query_string: str
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    # The Unix socket: operator routes exist there, and X-Relayd-Owner works.
+    trusted: bool = False
+    path_params: dict[str, str] = field(default_factory=dict)
+
+    def header(self, name: str) -> str | None:
+        """One header's value; a repeated header is ambiguous (400)."""
+        key = name.lower().encode()
+        values = [v for k, v in self.headers if k == key]
+        if len(values) > 1:
+            raise ApiError(400, f"header {name} given more than once")
+        return values[0].decode("latin-1") if values else None
+
+    def query(self) -> dict[str, str]:
+        if not self.query_string:
+            return {}
+        return _pairs(self.query_string, "query string")
+
+    def body_object(self) -> tuple[dict[str, Any], bool]:
+        """The body as a JSON object or form fields; (values, is_text)."""
+        if not self.body:
+            return {}, False
+        media = (self.header("Content-Type") or "").split(";")[0].strip().lower()
+        if media == "application/x-www-form-urlencoded":
+            try:
+                text = self.body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ApiError(400, "form body is not UTF-8") from None
+            return _pairs(text, "form body"), True
+        if media.startswith("multipart/"):
+            raise ApiError(415, "send JSON or application/x-www-form-urlencoded")
+        try:
+            obj = json.loads(self.body, object_pairs_hook=_refuse_duplicate_keys,
+                             parse_constant=_refuse_constant)
+        except (ValueError, RecursionError):
+            # ValueError covers bad syntax, bad UTF-8, duplicate keys and
+            # integers too long to convert; nothing of the input is echoed.
+            raise ApiError(400, "invalid JSON body") from None
+        if not isinstance(obj, dict):
+            raise ApiError(400, "the JSON body must be an object")
+        return obj, False
+
+    def params(self) -> Params:
+        """Query string and body merged; a key in both is ambiguous (400)."""
+        query = self.query()
+        body, body_is_text = self.body_object()
+        both = set(query) & set(body)
+        if both:
+            raise ApiError(400, f"parameter {sorted(both)[0]} given in both the query "
+                                "string and the body")
+        text_keys = set(query) | (set(body) if body_is_text else set())
+        return Params({**query, **body}, text_keys)
+
+
+# ---------------------------------------------------------------- routing
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    pattern: str          # "/admin/owners/{owner_id}": {name} matches one segment
+    handler: Handler
+    dialect: Dialect
+
+    def match(self, path: str) -> dict[str, str] | None:
+        want = self.pattern.strip("/").split("/")
+        got = path.strip("/").split("/")
+        if len(want) != len(got):
+            return None
+        params: dict[str, str] = {}
+        for w, g in zip(want, got):
+            if w.startswith("{") and w.endswith("}"):
+                try:
+                    value = urllib.parse.unquote(g, errors="strict")
+                except UnicodeDecodeError:
+                    return None
+                if not value:
+                    return None
+                params[w[1:-1]] = value
+            elif w != g:
+                return None
+        return params
+
+
+class Router:
+    def __init__(self, routes: Sequence[Route], dialects: Sequence[Dialect],
+                 fallback: Dialect):
+        self.routes = list(routes)
+        self.dialects = list(dialects)
+        self.fallback = fallback
+
+    def dialect_for(self, path: str | None) -> Dialect:
+        if path is not None:
+            for d in self.dialects:
+                if any(path.startswith(p) for p in d.prefixes):
+                    return d
+        return self.fallback
+
+    async def dispatch(self, req: Request) -> Response:
+        dialect = self.dialect_for(req.path)
+        try:
+            matched = [(r, p) for r in self.routes if (p := r.match(req.path)) is not None]
+            if not matched:
+                raise ApiError(404, "no such route")
+            for route, params in matched:
+                if route.method == req.method:
+                    break
+            else:
+                allow = ", ".join(sorted({r.method for r, _ in matched}))
+                raise ApiError(405, f"method {req.method} not allowed here; allowed: {allow}",
+                               headers=[("Allow", allow)])
+            dialect = route.dialect
+            req.path_params = params
+            return await route.handler(req)
+        except ApiError as err:
+            return render(dialect, err)
+        except NotFound as exc:
+            return render(dialect, dialect.not_found(exc))
+        except Exception:
+            # The traceback goes to the log, never to the client (STYLE 5).
+            # Query and body are not logged: they may hold a token.
+            log.exception("admin request failed: %s %s", req.method, req.path)
+            return render(dialect, ApiError(500, "internal error"))
+
+
+def render(dialect: Dialect, err: ApiError) -> Response:
+    response = dialect.render(err)
+    response.headers.extend(err.headers)
+    return response
+
+
+# ---------------------------------------------------------------- connections
+
+class _Reject(Exception):
+    """Refuse the request being read: answer ``status`` and close."""
+
+    def __init__(self, status: int, message: str, path: str | None = None):
+        self.status = status
+        self.message = message
+        self.path = path
+
+
+class _Connection:
+    def __init__(self, server: HttpServer, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter):
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.loop = asyncio.get_running_loop()
+
+    async def run(self) -> None:
+        first = True
+        while True:
+            try:
+                req = await self.read_request(first)
+            except _Reject as r:
+                await self.refuse(r)
+                await self.linger()
+                return
+            if req is None:
+                return
+            response = await self.server.router.dispatch(req)
+            if not await self.send(response):
+                return
+            if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
+                return
+            self.h11.start_next_cycle()
+            first = False
+
+    async def _read(self, deadline: float) -> bytes:
+        async with asyncio.timeout_at(deadline):
+            return await self.reader.read(READ_CHUNK)
+
+    async def read_request(self, first: bool) -> Request | None:
+        conn = self.h11
+        raw_head = bytearray(conn.trailing_data[0])
+        started = bool(raw_head)
+        deadline = self.loop.time() + (HEADER_TIMEOUT if first or started else IDLE_TIMEOUT)
+        event: Any = None
+        head: h11.Request | None = None
+        path: str | None = None
+        body = bytearray()
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _Reject(exc.error_status_hint, _PROTOCOL_MESSAGES.get(
+                    exc.error_status_hint, "malformed HTTP request"), path) from None
+            if event is h11.NEED_DATA:
+                try:
+                    data = await self._read(deadline)
+                except TimeoutError:
+                    if not started:
+                        return None   # idle keep-alive connection: just close
+                    raise _Reject(408, "request timed out", path) from None
+                except OSError:
+                    return None
+                if not started and data:
+                    started = True
+                    deadline = self.loop.time() + HEADER_TIMEOUT
+                if conn.their_state is h11.IDLE:
+                    # Bounded: h11 refuses an incomplete head past MAX_HEAD.
+                    raw_head += data
+                conn.receive_data(data)
+            elif isinstance(event, h11.Request):
+                head = event
+                path, _, _ = event.target.decode("ascii", "replace").partition("?")
+                self._check_framing(event, raw_head, path)
+                deadline = self.loop.time() + BODY_TIMEOUT
+                if conn.they_are_waiting_for_100_continue:
+                    try:
+                        await self._write(conn.send(
+                            h11.InformationalResponse(status_code=100, headers=[])))
+                    except (OSError, TimeoutError):
+                        return None
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_BODY:
+                    raise _Reject(413, "request body too large", path)
+            elif isinstance(event, h11.EndOfMessage):
+                assert head is not None
+                target = head.target.decode("ascii", "replace")
+                path, _, query = target.partition("?")
+                return Request(head.method.decode("ascii", "replace"), path, query,
+                               list(head.headers), bytes(body), self.server.trusted)
+            else:                     # ConnectionClosed
+                return None
+
+    @staticmethod
+    def _check_framing(event: h11.Request, raw_head: bytes, path: str) -> None:
+        if event.http_version not in (b"1.0", b"1.1"):
+            raise _Reject(505, "HTTP/1.1 only", path)
+        head_end = _HEAD_END.search(raw_head)
+        # h11 bounds only a head still incomplete; one that arrived whole in
+        # a single read is measured here.
+        if head_end is None or head_end.start() > MAX_HEAD:
+            raise _Reject(431, _PROTOCOL_MESSAGES[431], path)
+        head = raw_head[: head_end.start()]
+        lengths = _CONTENT_LENGTH_LINE.findall(head)
+        if len(lengths) > 1 or any(b"," in v for v in lengths):
+            raise _Reject(400, "more than one Content-Length: ambiguous request", path)
+        names = {name for name, _ in event.headers}
+        if b"transfer-encoding" in names and b"content-length" in names:
+            raise _Reject(400, "both Transfer-Encoding and Content-Length: ambiguous request",
+                          path)
+        for name, value in event.headers:
+            if name == b"content-length" and int(value) > MAX_BODY:
+                raise _Reject(413, "request body too large", path)
+
+    async def _write(self, data: bytes) -> None:
+        self.writer.write(data)
+        async with asyncio.timeout(WRITE_TIMEOUT):
+            await self.writer.drain()
+
+    async def send(self, response: Response, *, close: bool = False) -> bool:
+        """Write ``response``; False when the connection is unusable."""
+        headers = [("Content-Length", str(len(response.body)))]
+        if response.content_type:
+            headers.append(("Content-Type", response.content_type))
+        headers.extend(response.headers)
+        if close:
+            headers.append(("Connection", "close"))
+        try:
+            reason = HTTPStatus(response.status).phrase.encode()
+        except ValueError:
+            reason = b""
+        try:
+            data = self.h11.send(h11.Response(status_code=response.status, headers=headers,
+                                              reason=reason))
+            data += self.h11.send(h11.Data(data=response.body)) if response.body else b""
+            data += self.h11.send(h11.EndOfMessage())
+            await self._write(data)
+        except (h11.LocalProtocolError, OSError, TimeoutError):
+            return False
+        return True
+
+    async def refuse(self, r: _Reject) -> None:
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        dialect = self.server.router.dialect_for(r.path)
+        await self.send(render(dialect, ApiError(r.status, r.message)), close=True)
+
+
+    async def linger(self) -> None:
+        """After refusing a request whose body may still be arriving: stop
+        writing and discard what comes for a moment, so that closing with
+        unread data does not reset the connection (TCP RST) before the client
+        has read the refusal (RFC 9112 9.6)."""
+        try:
+            if self.writer.can_write_eof():
+                self.writer.write_eof()
+            async with asyncio.timeout(LINGER_TIMEOUT):
+                discarded = 0
+                while discarded < LINGER_BYTES:
+                    data = await self.reader.read(READ_CHUNK)
+                    if not data:
+                        break
+                    discarded += len(data)
+        except (OSError, TimeoutError):
+            pass
+
+
+_PROTOCOL_MESSAGES = {
+    400: "malformed HTTP request",
+    431: "request header fields too large",
+    505: "HTTP/1.1 only",
+    501: "unsupported transfer coding",
+}
+
+
+class HttpServer(asyncio.AbstractServer):
+    """One listener (Unix or TCP) serving ``router``. Closing it also closes
+    the connections it accepted, so that a stopped relayd leaves no handler
+    tasks behind, and removes its Unix socket file."""
+
+    def __init__(self, router: Router, *, trusted: bool, name: str):
+        self.router = router
+        self.trusted = trusted
+        self.name = name
+        self.server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._unix: tuple[str, int] | None = None     # (path, inode) of our socket file
+
+    async def start_unix(self, path: str) -> None:
+        self.server = await asyncio.start_unix_server(self._client, path)
+        self._unix = (path, os.stat(path).st_ino)
+
+    async def start_tcp(self, host: str, port: int) -> None:
+        self.server = await asyncio.start_server(self._client, host, port, reuse_address=True)
+
+    @property
+    def sockets(self) -> tuple[Any, ...]:
+        return tuple(self.server.sockets) if self.server else ()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._writers) >= MAX_CONNECTIONS or not self.is_serving():
+            writer.close()
+            return
+        self._writers.add(writer)
+        try:
+            await _Connection(self, reader, writer).run()
+        except Exception:
+            log.exception("%s connection failed", self.name)
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for writer in list(self._writers):
+            writer.close()
+        if self._unix is not None:
+            # Remove the socket file, unless another process has put its own
+            # there since (Python 3.11's asyncio leaves it behind).
+            path, inode = self._unix
+            self._unix = None
+            try:
+                if os.stat(path).st_ino == inode:
+                    os.unlink(path)
+            except OSError:
+                pass
+
+    async def wait_closed(self) -> None:
+        if self.server is not None:
+            await self.server.wait_closed()
+
+    def is_serving(self) -> bool:
+        return self.server is not None and self.server.is_serving()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    async def start_serving(self) -> None:
+        pass
+
+    async def serve_forever(self) -> None:
+        if self.server is not None:
+            await self.server.serve_forever()

@@ -1,0 +1,277 @@
+"""The operator API (SPEC 4.4): owners, apps and status. Unix socket only.
+
+Route table (JSON bodies; list routes answer a JSON array):
+
+    GET    /admin/status                   listeners with bound ports, upstream health,
+                                           config_generation, sessions, uptime
+    GET    /admin/owners                   [owner, ...]            (never tokens)
+    POST   /admin/owners     {plan}        201 {owner_id, token, plan, idapp}
+                                           (the token appears here only; idapp = default app)
+    GET    /admin/owners/{owner_id}        owner
+    PATCH  /admin/owners/{owner_id} {plan} owner
+    DELETE /admin/owners/{owner_id}        {owner_id, removed: true}  (with its apps, SMTP
+                                           users, upstreams and domain settings)
+    GET    /admin/apps[?owner_id=]         [app, ...]
+    POST   /admin/apps {owner_id, name, strategy?, test_email?}   201 app
+    GET    /admin/apps/{idapp}             app
+    PATCH  /admin/apps/{idapp} {name?, strategy?, test_email?}    app
+    DELETE /admin/apps/{idapp}             {idapp, removed: true}  (not an owner's last app)
+    GET    /admin/users/{smtp_user_name}   the SMTP user with its owner_id (no password)
+    GET    /admin/smtps/{idsmtp}           the upstream record (masked) with its owner_id
+    GET    /admin/domains?owner_id=        [domain settings, ...]  (masked)
+
+owner = {owner_id, plan, created, idapp (default app), apps (count)};
+app = {idapp, owner_id, name, strategy, test_email, created}.
+
+The lookups (users, smtps) let relayctl find the owner of a record and then
+speak the tenant dialects for it with ``X-Relayd-Owner`` (see the package
+docstring), so every rule of those dialects applies to the operator too.
+
+Errors: ``{"status":"error","message":M}`` (plus ``code`` for a plan rule)
+with 400 (bad parameter or JSON), 404 (no such owner/app/record/route), 405,
+409 (refused by a rule: the priority strategy on the free plan -- code 3 as
+in the SMTPs dialect -- or removing an owner's last app), 413 and 500.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Literal
+
+from .. import __version__
+from ..records import App, Owner
+from . import Email, HeaderText, Id, Model, validate
+from .http import ApiError, Dialect, Request, Response, Route, json_response
+from .sendclean import forget_usage
+from .smtps import PRIORITY_NEEDS_PAID_PLAN, REFUSED, forget_metrics, record
+from .webitel import document
+
+if TYPE_CHECKING:
+    from ..daemon import Relay
+
+Plan = Literal["free", "paid"]
+Strategy = Literal["random", "priority"]
+AppName = HeaderText
+
+
+def _render(err: ApiError) -> Response:
+    body: dict[str, Any] = {"status": "error", "message": err.message}
+    if err.code is not None:
+        body["code"] = err.code
+    return json_response(body, err.status)
+
+
+# Also the fallback shape for paths no dialect owns, and for /admin/* on the
+# TCP listener, where the operator routes do not exist.
+DIALECT = Dialect("operator", ("/admin/",), _render)
+
+
+class NewOwner(Model):
+    plan: Plan = "free"
+
+
+class PlanChange(Model):
+    plan: Plan
+
+
+class NewApp(Model):
+    owner_id: Id
+    name: AppName
+    strategy: Strategy = "random"
+    test_email: Email | None = None
+
+
+class AppChange(Model):
+    name: AppName | None = None
+    strategy: Strategy | None = None
+    test_email: Email | None = None
+
+
+class OwnerFilter(Model):
+    owner_id: Id | None = None
+
+
+class OwnerRef(Model):
+    owner_id: Id
+
+
+def app_json(a: App) -> dict[str, Any]:
+    return {"idapp": a.idapp, "owner_id": a.owner_id, "name": a.name, "strategy": a.strategy,
+            "test_email": a.test_email, "created": a.created}
+
+
+def _priority_refused(owner: Owner, strategy: str | None) -> None:
+    if strategy == "priority" and owner.plan != "paid":
+        raise ApiError(409, f"{REFUSED[PRIORITY_NEEDS_PAID_PLAN]}: owner {owner.owner_id} "
+                            "is on the free plan, which uses the random strategy only",
+                       code=PRIORITY_NEEDS_PAID_PLAN)
+
+
+class Operator:
+    def __init__(self, relay: Relay):
+        self.relay = relay
+
+    # ------------------------------------------------------------ status
+
+    async def status(self, req: Request) -> Response:
+        relay = self.relay
+        cfg = relay.config
+        listeners: list[dict[str, Any]] = [
+            {"kind": "smtp", "address": lst.address, "port": relay.port_of(server),
+             "tls": lst.tls, "serving": server.is_serving()}
+            for lst, server in relay.smtp_servers]
+        listeners.append({"kind": "admin", "socket": relay.admin_socket})
+        if relay.admin_tcp_port is not None:
+            listeners.append({"kind": "admin_tcp", "address": cfg.admin.listen,
+                              "port": relay.admin_tcp_port})
+        if relay.metrics_port is not None:
+            listeners.append({"kind": "metrics", "address": cfg.metrics.listen,
+                              "port": relay.metrics_port})
+        system = [relay.errors.apply(u) for u in relay.system]
+        return json_response({
+            "version": __version__,
+            "hostname": relay.hostname,
+            "config_generation": relay.generation,
+            "uptime": int(time.time() - relay.started_at),
+            "draining": relay.draining,
+            "sessions": len(relay.sessions),
+            "listeners": listeners,
+            "upstreams": await relay.store.upstream_health(),
+            "system_smtps": [{"idsmtp": u.idsmtp, "host": u.host, "port": u.port,
+                              "numerrors": u.numerrors, "last_error": u.last_error}
+                             for u in system],
+        })
+
+    # ------------------------------------------------------------ owners
+
+    async def _owner_json(self, owner: Owner) -> dict[str, Any]:
+        apps = await self.relay.store.list_apps(owner.owner_id)
+        default = await self.relay.store.default_app(owner.owner_id) if apps else None
+        return {"owner_id": owner.owner_id, "plan": owner.plan, "created": owner.created,
+                "idapp": default.idapp if default else None, "apps": len(apps)}
+
+    async def list_owners(self, req: Request) -> Response:
+        validate(Model, req.params())
+        return json_response([await self._owner_json(o)
+                              for o in await self.relay.store.list_owners()])
+
+    async def create_owner(self, req: Request) -> Response:
+        p = validate(NewOwner, req.params())
+        owner, token, app = await self.relay.store.create_owner(p.plan)
+        return json_response({"owner_id": owner.owner_id, "token": token, "plan": owner.plan,
+                              "idapp": app.idapp}, 201)
+
+    async def get_owner(self, req: Request) -> Response:
+        owner = await self.relay.store.get_owner(req.path_params["owner_id"])
+        return json_response(await self._owner_json(owner))
+
+    async def set_plan(self, req: Request) -> Response:
+        owner = await self.relay.store.get_owner(req.path_params["owner_id"])
+        p = validate(PlanChange, req.params())
+        if p.plan == "free":
+            priority = [a.idapp for a in await self.relay.store.list_apps(owner.owner_id)
+                        if a.strategy == "priority"]
+            if priority:
+                raise ApiError(409, f"{REFUSED[PRIORITY_NEEDS_PAID_PLAN]}: switch apps "
+                                    f"{', '.join(priority)} to the random strategy first",
+                               code=PRIORITY_NEEDS_PAID_PLAN)
+        updated = await self.relay.store.set_plan(owner.owner_id, p.plan)
+        return json_response(await self._owner_json(updated))
+
+    async def remove_owner(self, req: Request) -> Response:
+        store = self.relay.store
+        owner = await store.get_owner(req.path_params["owner_id"])
+        await self._remove(store.remove_owner(owner.owner_id), owner.owner_id,
+                           await store.list_apps(owner.owner_id))
+        return json_response({"owner_id": owner.owner_id, "removed": True})
+
+    async def _remove(self, removal: Awaitable[None], owner_id: str, apps: list[App]) -> None:
+        """Run ``removal`` (of an owner or an app, cascading to ``apps``),
+        then drop the quota state and gauges of what went with it."""
+        store = self.relay.store
+        idapps = {a.idapp for a in apps}
+        users = [u.name for u in await store.list_users(owner_id) if u.idapp in idapps]
+        upstreams = [u.idsmtp for a in apps for u in await store.list_upstreams(a.idapp)]
+        await removal
+        forget_usage(self.relay, users)
+        forget_metrics(upstreams)
+
+    # ------------------------------------------------------------ apps
+
+    async def list_apps(self, req: Request) -> Response:
+        p = validate(OwnerFilter, req.params())
+        if p.owner_id is not None:
+            await self.relay.store.get_owner(p.owner_id)
+        return json_response([app_json(a) for a in await self.relay.store.list_apps(p.owner_id)])
+
+    async def create_app(self, req: Request) -> Response:
+        p = validate(NewApp, req.params())
+        owner = await self.relay.store.get_owner(p.owner_id)
+        _priority_refused(owner, p.strategy)
+        app = await self.relay.store.create_app(owner.owner_id, p.name, p.strategy,
+                                                p.test_email)
+        return json_response(app_json(app), 201)
+
+    async def get_app(self, req: Request) -> Response:
+        return json_response(app_json(await self.relay.store.get_app(req.path_params["idapp"])))
+
+    async def edit_app(self, req: Request) -> Response:
+        app = await self.relay.store.get_app(req.path_params["idapp"])
+        p = validate(AppChange, req.params())
+        _priority_refused(await self.relay.store.get_owner(app.owner_id), p.strategy)
+        updated = await self.relay.store.update_app(
+            app.idapp, strategy=p.strategy, test_email=p.test_email, name=p.name)
+        return json_response(app_json(updated))
+
+    async def remove_app(self, req: Request) -> Response:
+        store = self.relay.store
+        app = await store.get_app(req.path_params["idapp"])
+        if len(await store.list_apps(app.owner_id)) <= 1:
+            raise ApiError(409, "an owner keeps at least one app; remove the owner instead")
+        await self._remove(store.remove_app(app.idapp), app.owner_id, [app])
+        return json_response({"idapp": app.idapp, "removed": True})
+
+    # ------------------------------------------------------------ lookups
+
+    async def get_user(self, req: Request) -> Response:
+        user = self.relay.store.get_user(req.path_params["smtp_user_name"])
+        if user is None:
+            raise ApiError(404, "smtp user not found")
+        return json_response({"smtp_user_name": user.name, "owner_id": user.owner_id,
+                              "idapp": user.idapp, "status": user.status,
+                              "total_limit": user.total_limit,
+                              "hourly_limit": user.hourly_limit, "created": user.created})
+
+    async def get_smtp(self, req: Request) -> Response:
+        store = self.relay.store
+        u = await store.get_upstream(req.path_params["idsmtp"])
+        app = await store.get_app(u.idapp or "")
+        return json_response({**record(u), "owner_id": app.owner_id})
+
+    async def list_domains(self, req: Request) -> Response:
+        p = validate(OwnerRef, req.params())
+        await self.relay.store.get_owner(p.owner_id)
+        return json_response([document(d)
+                              for d in await self.relay.store.list_domains(p.owner_id)])
+
+
+def routes(relay: Relay) -> list[Route]:
+    api = Operator(relay)
+    table = (
+        ("GET", "/admin/status", api.status),
+        ("GET", "/admin/owners", api.list_owners),
+        ("POST", "/admin/owners", api.create_owner),
+        ("GET", "/admin/owners/{owner_id}", api.get_owner),
+        ("PATCH", "/admin/owners/{owner_id}", api.set_plan),
+        ("DELETE", "/admin/owners/{owner_id}", api.remove_owner),
+        ("GET", "/admin/apps", api.list_apps),
+        ("POST", "/admin/apps", api.create_app),
+        ("GET", "/admin/apps/{idapp}", api.get_app),
+        ("PATCH", "/admin/apps/{idapp}", api.edit_app),
+        ("DELETE", "/admin/apps/{idapp}", api.remove_app),
+        ("GET", "/admin/users/{smtp_user_name}", api.get_user),
+        ("GET", "/admin/smtps/{idsmtp}", api.get_smtp),
+        ("GET", "/admin/domains", api.list_domains),
+    )
+    return [Route(method, pattern, handler, DIALECT) for method, pattern, handler in table]

@@ -1,0 +1,261 @@
+"""Upstream SMTP servers per app, in the seed-000 dialect (SPEC 4.2).
+
+Credentials: headers ``X-Key: <owner_id>`` and ``X-Access-Token: <token>``.
+Routes (parameters in the query string and/or a JSON or form-encoded body):
+
+    POST /private/smtps/save       create; with idsmtp (or _id) edit the given fields
+    GET  /private/smtps/findByApp  ?idapp=   -> [record, ...]
+    GET  /private/smtps/findById   ?idsmtp=  -> record
+    POST /private/smtps/remove     idsmtp (or idapp, meaning the SMTP id) -> 200, empty body
+    POST /private/smtps/check      idsmtp (or idapp, likewise) -> 200, empty body
+
+A record has the seed's keys ``_id, idapp, priority, host, port, username,
+password, auth, startstls, sslTls, debug, defaultfromemail, defaultfromname,
+numerrors, created, modified, status`` plus ``verify_tls`` and
+``allowed_domains`` (null = the default of SPEC 2). ``password`` is always
+``"********"``, whether one is stored or not; saving ``"********"`` keeps the
+stored secret (or its absence), so a record read back can be saved again. Accepted spellings:
+``startstls``/``starttls``, ``sslTls``/``ssltls``,
+``defaultfromemail``/``defaulfromemail``. A record sent back whole may carry
+its read-only keys (``numerrors``, ``created``, ``modified``); they are ignored.
+
+Status codes: 200; 400 missing or mistyped parameter (``{"code":400,...}``);
+401 no credentials; 403 invalid credentials; 404 no such route; 405; 413;
+500; and 406 ``{"code":N,"message":...}`` with N from ``REFUSED`` below.
+"""
+
+from __future__ import annotations
+
+import email.message
+import email.policy
+import email.utils
+import logging
+from typing import TYPE_CHECKING, Any, Literal
+
+from .. import metrics
+from ..errors import NotFound, UpstreamError
+from ..maillog import event
+from ..policy import format_from
+from ..records import Upstream
+from ..upstream import send_once
+from . import (MASK, DomainName, Email, HeaderText, Hostname, Id, Model, NonNegativeInt, Port,
+               authenticate_headers, spellings, validate)
+from .http import ApiError, Dialect, Request, Response, Route, empty_response, json_response
+
+if TYPE_CHECKING:
+    from ..daemon import Relay
+
+log = logging.getLogger("relayd.admin")
+
+MISSING = (401, "X-Key and X-Access-Token headers are required")
+INVALID = (403, "Credentials not valid")
+
+# The 406 "specific errors" (seed 000 defines 1 and 2). One table numbers
+# every plan rule: 3 is raised where strategies are set, by the operator API
+# (HTTP 409 with this code), since no route of this dialect sets one.
+SMTP_NOT_FOUND = 1
+APP_NOT_FOUND = 2
+PRIORITY_NEEDS_PAID_PLAN = 3      # the free plan uses the random strategy only
+NO_TEST_EMAIL = 4                 # check: the app has no test_email to send to
+CHECK_FAILED = 5                  # check: the upstream refused; message has its reply
+REFUSED = {
+    SMTP_NOT_FOUND: "SMTP not found",
+    APP_NOT_FOUND: "App not found",
+    PRIORITY_NEEDS_PAID_PLAN: "The priority strategy needs a paid plan",
+    NO_TEST_EMAIL: "App has no test_email",
+    CHECK_FAILED: "SMTP check failed",
+}
+
+
+def refused(code: int, detail: str = "") -> ApiError:
+    return ApiError(406, REFUSED[code] + (f": {detail}" if detail else ""), code=code)
+
+
+def _render(err: ApiError) -> Response:
+    return json_response({"code": err.code if err.code is not None else err.status,
+                          "message": err.message}, err.status)
+
+
+def _not_found(exc: NotFound) -> ApiError:
+    return refused(APP_NOT_FOUND if exc.kind == "app" else SMTP_NOT_FOUND)
+
+
+DIALECT = Dialect("smtps", ("/private/smtps",), _render, _not_found)
+
+
+class SmtpFields(Model):
+    nullable = frozenset({"username", "password", "defaultfromemail", "defaultfromname",
+                          "allowed_domains"})
+
+    idsmtp: Id | None = spellings("idsmtp", "_id")
+    idapp: Id | None = None
+    priority: NonNegativeInt | None = None
+    host: Hostname | None = None
+    port: Port | None = None
+    username: HeaderText | None = None
+    password: HeaderText | None = None
+    auth: bool | None = None
+    startstls: bool | None = spellings("startstls", "starttls")
+    ssltls: bool | None = spellings("sslTls", "ssltls")
+    verify_tls: bool | None = None
+    debug: bool | None = None
+    defaultfromemail: Email | None = spellings("defaultfromemail", "defaulfromemail")
+    defaultfromname: HeaderText | None = None
+    allowed_domains: list[DomainName] | None = None
+    status: Literal["A", "D"] | None = None
+    # Read-only keys of a record sent back whole: accepted, ignored.
+    numerrors: Any = None
+    created: Any = None
+    modified: Any = None
+
+
+READ_ONLY = {"idsmtp", "numerrors", "created", "modified"}
+CREATE_REQUIRED = ("idapp", "host", "port")
+
+
+class SmtpRef(Model):
+    idsmtp: Id | None = None
+    idapp: Id | None = None       # seed 000's remove/check table calls the SMTP id "idapp"
+
+    @property
+    def smtp_id(self) -> str:
+        smtp_id = self.idsmtp or self.idapp
+        if not smtp_id:
+            raise ApiError(400, "idsmtp: is required")
+        return smtp_id
+
+
+class AppRef(Model):
+    idapp: Id
+
+
+def record(u: Upstream) -> dict[str, Any]:
+    return {
+        "_id": u.idsmtp, "idapp": u.idapp, "priority": u.priority, "host": u.host,
+        "port": u.port, "username": u.username, "password": MASK,
+        "auth": u.auth, "startstls": bool(u.startstls), "sslTls": u.ssltls, "debug": u.debug,
+        "defaultfromemail": u.defaultfromemail, "defaultfromname": u.defaultfromname,
+        "numerrors": u.numerrors, "created": u.created, "modified": u.modified,
+        "status": u.status, "verify_tls": u.verify_tls,
+        "allowed_domains": list(u.allowed_domains) if u.allowed_domains is not None else None,
+    }
+
+
+def check_consistency(fields: dict[str, Any]) -> None:
+    """Rules across fields, on the record as it would be stored."""
+    if fields.get("startstls") and fields.get("ssltls"):
+        raise ApiError(400, "startstls and sslTls are mutually exclusive")
+    if fields.get("auth") and not fields.get("username"):
+        raise ApiError(400, "username: is required when auth is true")
+
+
+def forget_metrics(idsmtps: list[str]) -> None:
+    """Drop the per-upstream gauge of deleted upstreams (bounded labels)."""
+    for idsmtp in idsmtps:
+        try:
+            metrics.UPSTREAM_ERRORS.remove(idsmtp)
+        except KeyError:
+            pass
+
+
+def check_message(u: Upstream, sender: str, to: str, hostname: str) -> bytes:
+    msg = email.message.EmailMessage()
+    msg["From"] = format_from(u.defaultfromname, sender)
+    msg["To"] = to
+    msg["Subject"] = "relayd SMTP check"
+    msg["Date"] = email.utils.formatdate(localtime=False)
+    msg["Message-ID"] = email.utils.make_msgid(domain=hostname)
+    msg.set_content(f"relayd sent this message to check the upstream SMTP server "
+                    f"{u.host}:{u.port} (id {u.idsmtp}). No action is needed.\n")
+    return msg.as_bytes(policy=email.policy.SMTP)
+
+
+class Smtps:
+    def __init__(self, relay: Relay):
+        self.relay = relay
+
+    async def _owner_id(self, req: Request) -> str:
+        owner = await authenticate_headers(self.relay, req, missing=MISSING, invalid=INVALID)
+        return owner.owner_id
+
+    async def save(self, req: Request) -> Response:
+        owner_id = await self._owner_id(req)
+        p = validate(SmtpFields, req.params())
+        fields = p.model_dump(exclude_unset=True, exclude=READ_ONLY)
+        store = self.relay.store
+        if fields.get("password") == MASK:
+            if p.idsmtp is None:
+                raise ApiError(400, f"password: {MASK} is the mask, not a password")
+            del fields["password"]        # round trip of a masked record: keep the secret
+        if p.idsmtp is not None:
+            current = await store.get_upstream(p.idsmtp, owner_id)
+            if fields.get("idapp", current.idapp) != current.idapp:
+                await store.get_app(fields["idapp"], owner_id)
+            stored = {k: getattr(current, k) for k in store.UPSTREAM_FIELDS}
+            check_consistency({**stored, **fields})
+            upstream = await store.update_upstream(p.idsmtp, fields)
+        else:
+            for key in CREATE_REQUIRED:
+                if key not in fields:
+                    raise ApiError(400, f"{key}: is required")
+            await store.get_app(fields["idapp"], owner_id)
+            check_consistency(fields)
+            upstream = await store.create_upstream(fields)
+        return json_response(record(upstream))
+
+    async def find_by_app(self, req: Request) -> Response:
+        owner_id = await self._owner_id(req)
+        p = validate(AppRef, req.params())
+        store = self.relay.store
+        await store.get_app(p.idapp, owner_id)
+        return json_response([record(u) for u in await store.list_upstreams(p.idapp)])
+
+    async def find_by_id(self, req: Request) -> Response:
+        owner_id = await self._owner_id(req)
+        p = validate(SmtpRef, req.params())
+        return json_response(record(await self.relay.store.get_upstream(p.smtp_id, owner_id)))
+
+    async def remove(self, req: Request) -> Response:
+        owner_id = await self._owner_id(req)
+        p = validate(SmtpRef, req.params())
+        store = self.relay.store
+        u = await store.get_upstream(p.smtp_id, owner_id)
+        await store.remove_upstream(u.idsmtp)
+        forget_metrics([u.idsmtp])
+        return empty_response()
+
+    async def check(self, req: Request) -> Response:
+        """Send a real message to the app's test_email through this upstream
+        alone (no failover, numerrors untouched: this is a probe)."""
+        owner_id = await self._owner_id(req)
+        p = validate(SmtpRef, req.params())
+        relay = self.relay
+        u = await relay.store.get_upstream(p.smtp_id, owner_id)
+        app = await relay.store.get_app(u.idapp or "", owner_id)
+        if not app.test_email:
+            raise refused(NO_TEST_EMAIL)
+        sender = u.defaultfromemail or (
+            u.username if u.username and "@" in u.username else f"postmaster@{relay.hostname}")
+        timeouts = relay.config.timeouts
+        try:
+            reply = await send_once(u, sender, [app.test_email],
+                                    check_message(u, sender, app.test_email, relay.hostname),
+                                    local_hostname=relay.hostname,
+                                    connect_timeout=timeouts.connect,
+                                    command_timeout=timeouts.command)
+        except UpstreamError as exc:
+            event(log, logging.INFO, "smtp_check", upstream=u.idsmtp, host=u.host,
+                  result="failed", reply=exc.reply)
+            raise refused(CHECK_FAILED, exc.reply) from None
+        event(log, logging.INFO, "smtp_check", upstream=u.idsmtp, host=u.host, result="ok",
+              reply=reply)
+        return empty_response()
+
+
+def routes(relay: Relay) -> list[Route]:
+    api = Smtps(relay)
+    return [Route(method, f"/private/smtps/{name}", handler, DIALECT)
+            for method, name, handler in (
+                ("POST", "save", api.save), ("GET", "findByApp", api.find_by_app),
+                ("GET", "findById", api.find_by_id), ("POST", "remove", api.remove),
+                ("POST", "check", api.check))]
