@@ -75,6 +75,10 @@ class Relay:
         self._tasks: list[asyncio.Task[Any]] = []
         self.stopped = asyncio.Event()
         self.started_at = time.time()
+        # Set by admin.start(): where the admin and metrics listeners are.
+        self.admin_socket: str | None = None
+        self.admin_tcp_port: int | None = None
+        self.metrics_port: int | None = None
 
     # ------------------------------------------------------------ start/stop
 
@@ -186,8 +190,9 @@ class Relay:
 
     # ------------------------------------------------------------ routing glue
 
-    async def candidates(self, user: SmtpUser, sender: str) -> list[Upstream]:
-        owner, app, dom, own = await self.store.route_view(user, domain_of(sender))
+    def candidates(self, user: SmtpUser, sender: str) -> list[Upstream]:
+        """The upstreams to try for ``sender``'s message, in order (no I/O)."""
+        owner, app, dom, own = self.store.route_view(user, domain_of(sender))
         cfg = self.config.failover
         return routing.route(
             plan=owner.plan, strategy=app.strategy,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import logging
+import re
 import secrets
 import time
 from base64 import b64decode
@@ -50,6 +51,10 @@ DATA_CHUNK = 256 * 1024
 # exceed the message size a little.
 DATA_SLACK = 64 * 1024
 CRLF_DOT_CRLF = b"\r\n.\r\n"
+# "<local@domain>" with a dot-atom local part: nearly every MAIL/RCPT. Anything
+# else (quoted local parts, source routes, no brackets) goes to aiosmtpd's
+# RFC 5322 parser.
+_PLAIN_PATH = re.compile(r"\s*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+)>")
 
 
 def _bad_address(address: str) -> bool:
@@ -96,6 +101,14 @@ class RelaySMTP(SMTP):
 
     def _create_session(self) -> Session:
         return Session(self.loop)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd's version defines a typing.Protocol class on every call
+        # (tens of microseconds per MAIL and RCPT); same result, fast path first.
+        m = _PLAIN_PATH.match(arg) if arg else None
+        if m:
+            return m.group(1), arg[m.end():]
+        return super()._getaddr(arg)
 
     def _cb_client_connected(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
@@ -375,7 +388,7 @@ class RelayHandler:
         if not user.enabled:
             return replies.AUTH_DISABLED
         try:
-            if not await relay.candidates(user, address):
+            if not relay.candidates(user, address):
                 return replies.NO_UPSTREAM
         except NotFound:
             return replies.NO_UPSTREAM
@@ -446,8 +459,8 @@ class RelayHandler:
             relay.ledger.release(session.user or "", units)
             return finish("rejected", replies.AUTH_DISABLED)
         try:
-            candidates = await relay.candidates(user, sender)
-        except (NotFound, StoreError):
+            candidates = relay.candidates(user, sender)
+        except NotFound:
             candidates = []
         if not candidates:
             relay.ledger.release(user.name, units)
