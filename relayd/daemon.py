@@ -89,8 +89,7 @@ class Relay:
         os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
         await self.store.open()
         self.ledger.load(await self.store.load_usage(time.time()))
-        for u in await self.store.upstream_health():
-            metrics.UPSTREAM_ERRORS.labels(u["idsmtp"]).set(u["numerrors"])
+        metrics.UPSTREAM_ERRORS.source = self.upstream_error_counts
         loop = asyncio.get_running_loop()
         for lst in self.config.listen:
             server = await loop.create_server(
@@ -98,9 +97,16 @@ class Relay:
                 lst.host, lst.port, reuse_address=True,
                 ssl=self.server_tls if lst.tls == "implicit" else None)
             self.smtp_servers.append((lst, server))
-            event(log, logging.INFO, "listening", address=lst.address, tls=lst.tls,
-                  port=self.port_of(server))
+            event(log, logging.INFO, "listening", service="smtp", address=lst.address,
+                  tls=lst.tls, port=self.port_of(server))
         self.other_servers.extend(await admin.start(self))
+        event(log, logging.INFO, "listening", service="admin", address=self.admin_socket)
+        if self.admin_tcp_port is not None:
+            event(log, logging.INFO, "listening", service="admin_tcp",
+                  address=self.config.admin.listen, port=self.admin_tcp_port)
+        if self.metrics_port is not None:
+            event(log, logging.INFO, "listening", service="metrics",
+                  address=self.config.metrics.listen, port=self.metrics_port)
         self._tasks.append(asyncio.create_task(self._prune_loop()))
 
     @staticmethod
@@ -146,6 +152,8 @@ class Relay:
         await self.close()
 
     async def close(self) -> None:
+        if metrics.UPSTREAM_ERRORS.source == self.upstream_error_counts:
+            metrics.UPSTREAM_ERRORS.source = None
         for t in self._tasks:
             t.cancel()
         for _, server in self.smtp_servers:
@@ -211,16 +219,18 @@ class Relay:
         ok = result == "ok"
         now = time.time()
         if u.idsmtp.startswith(("system:", "domain:")):
-            n = self.errors.record(u.idsmtp, ok, now)
-        else:
-            n = 0 if ok else u.numerrors + 1
-            if ok and u.numerrors == 0:
-                return      # nothing to reset: no write on the hot path
+            self.errors.record(u.idsmtp, ok, now)
+        elif not ok or u.numerrors:     # nothing to reset: no write on the hot path
             try:
                 await self.store.record_upstream_result(u.idsmtp, ok, now)
             except StoreError:
                 log.exception("cannot record the result of upstream %s", u.idsmtp)
-        metrics.UPSTREAM_ERRORS.labels(u.idsmtp).set(n)
+
+    def upstream_error_counts(self) -> list[tuple[str, int]]:
+        """(upstream id, numerrors) of every upstream, for the metrics gauge."""
+        return [*self.store.upstream_error_counts(),
+                *((u.idsmtp, self.errors.apply(u).numerrors) for u in self.system),
+                *self.errors.domain_counts()]
 
     # ------------------------------------------------------------ reload
 

@@ -6,7 +6,10 @@ label; ``upstream`` is an upstream id (``idsmtp``, ``system:<n>`` or
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -25,9 +28,29 @@ LIMIT_REJECTIONS = Counter(
 UPSTREAM_ATTEMPTS = Counter(
     "relayd_upstream_attempts", "Delivery attempts per upstream by result (ok, error, refused).",
     ["upstream", "result"], registry=REGISTRY)
-UPSTREAM_ERRORS = Gauge(
-    "relayd_upstream_errors", "Current consecutive error count (numerrors) per upstream.",
-    ["upstream"], registry=REGISTRY)
+
+
+class _UpstreamErrors:
+    """relayd_upstream_errors, read at scrape time from the running relay's
+    upstream records, so every upstream shows, changed or not."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Iterable[tuple[str, int]]] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "relayd_upstream_errors", "Current consecutive error count (numerrors) per upstream.",
+            labels=["upstream"])
+        for upstream, numerrors in (self.source() if self.source else ()):
+            family.add_metric([upstream], numerrors)
+        yield family
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter([GaugeMetricFamily("relayd_upstream_errors", "", labels=["upstream"])])
+
+
+UPSTREAM_ERRORS = _UpstreamErrors()
+REGISTRY.register(UPSTREAM_ERRORS)
 DELIVERY_DURATION = Histogram(
     "relayd_delivery_duration_seconds", "Time from end of DATA to the final upstream answer.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
@@ -49,6 +72,17 @@ for _limit in ("hourly", "total"):
     LIMIT_REJECTIONS.labels(_limit)
 for _result in ("ok", "error"):
     CONFIG_RELOADS.labels(_result)
+
+
+def forget_upstreams(idsmtps: Iterable[str]) -> None:
+    """Drop the attempt counters of deleted upstreams, so that labels stay
+    bounded by the upstreams that exist (the errors gauge follows by itself)."""
+    for idsmtp in idsmtps:
+        for result in ("ok", "error", "refused"):
+            try:
+                UPSTREAM_ATTEMPTS.remove(idsmtp, result)
+            except KeyError:
+                pass
 
 
 def exposition() -> bytes:

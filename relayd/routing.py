@@ -84,6 +84,9 @@ class ErrorBook:
         n, last = self._book.get(u.idsmtp, (0, None))
         return replace(u, numerrors=n, last_error=last)
 
+    def domain_counts(self) -> list[tuple[str, int]]:
+        return [(k, n) for k, (n, _) in self._book.items() if k.startswith("domain:")]
+
     def record(self, idsmtp: str, ok: bool, now: float) -> int:
         n, last = self._book.get(idsmtp, (0, None))
         self._book[idsmtp] = (0, last) if ok else (n + 1, now)

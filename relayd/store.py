@@ -706,6 +706,9 @@ class Store:
 
     # ------------------------------------------------------------ routing view
 
+    def upstream_error_counts(self) -> list[tuple[str, int]]:
+        return [(u.idsmtp, u.numerrors) for u in self._upstreams.values()]
+
     def route_view(self, user: SmtpUser, sender_domain: str | None
                    ) -> tuple[Owner, App, DomainSettings | None, list[Upstream]]:
         """Everything routing needs for one message, from the exact

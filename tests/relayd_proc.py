@@ -28,6 +28,7 @@ class RelaydProcess:
         self._new_line = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
         self.smtp_ports: list[int] = []
+        self.metrics_port: int | None = None
 
     @classmethod
     async def start(cls, config: dict[str, Any], path: Path) -> RelaydProcess:
@@ -40,10 +41,15 @@ class RelaydProcess:
             stderr=asyncio.subprocess.PIPE, env=env)
         self._reader = asyncio.create_task(self._read())
         await self.wait_for("event=started", STARTUP_TIMEOUT)
-        self.smtp_ports = [int(m.group(1)) for line in self.lines
-                           if "event=listening" in line
-                           for m in [re.search(r"\bport=(\d+)", line)] if m]
+        self.smtp_ports = self.ports("smtp")
+        self.metrics_port = (self.ports("metrics") or [None])[0]
         return self
+
+    def ports(self, service: str) -> list[int]:
+        """Bound ports of ``service`` (smtp, admin_tcp, metrics), from the log."""
+        return [int(m.group(1)) for line in self.lines
+                if "event=listening" in line and f"service={service} " in line
+                for m in [re.search(r"\bport=(\d+)", line)] if m]
 
     async def _read(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None

@@ -39,12 +39,12 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Literal
 
-from .. import __version__
+from .. import __version__, metrics
 from ..records import App, Owner
 from . import Email, HeaderText, Id, Model, validate
 from .http import ApiError, Dialect, Request, Response, Route, json_response
 from .sendclean import forget_usage
-from .smtps import PRIORITY_NEEDS_PAID_PLAN, REFUSED, forget_metrics, record
+from .smtps import PRIORITY_NEEDS_PAID_PLAN, REFUSED, record
 from .webitel import document
 
 if TYPE_CHECKING:
@@ -195,7 +195,7 @@ class Operator:
         upstreams = [u.idsmtp for a in apps for u in await store.list_upstreams(a.idapp)]
         await removal
         forget_usage(self.relay, users)
-        forget_metrics(upstreams)
+        metrics.forget_upstreams(upstreams)
 
     # ------------------------------------------------------------ apps
 

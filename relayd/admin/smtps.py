@@ -149,15 +149,6 @@ def check_consistency(fields: dict[str, Any]) -> None:
         raise ApiError(400, "username: is required when auth is true")
 
 
-def forget_metrics(idsmtps: list[str]) -> None:
-    """Drop the per-upstream gauge of deleted upstreams (bounded labels)."""
-    for idsmtp in idsmtps:
-        try:
-            metrics.UPSTREAM_ERRORS.remove(idsmtp)
-        except KeyError:
-            pass
-
-
 def check_message(u: Upstream, sender: str, to: str, hostname: str) -> bytes:
     msg = email.message.EmailMessage()
     msg["From"] = format_from(u.defaultfromname, sender)
@@ -221,7 +212,7 @@ class Smtps:
         store = self.relay.store
         u = await store.get_upstream(p.smtp_id, owner_id)
         await store.remove_upstream(u.idsmtp)
-        forget_metrics([u.idsmtp])
+        metrics.forget_upstreams([u.idsmtp])
         return empty_response()
 
     async def check(self, req: Request) -> Response:
