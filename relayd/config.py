@@ -133,7 +133,7 @@ class Metrics(Strict):
 class Limits(Strict):
     max_message_size: PositiveInt = 26_214_400     # 25 MiB, as most providers
     max_recipients: PositiveInt = 100              # RFC 5321 4.5.3.1.8 minimum
-    # Abuse bounds (Postfix has the same knobs; see README "Abuse limits").
+    # Abuse bounds (Postfix has the same knobs; see README "SMTP behaviour").
     max_sessions: PositiveInt = 1000               # concurrent SMTP sessions
     max_sessions_per_ip: PositiveInt = 50          # concurrent sessions per client IP
     max_errors: PositiveInt = 20                   # like smtpd_hard_error_limit
