@@ -155,3 +155,43 @@ async def test_second_signal_exits_at_once(started):
     assert await proc.wait(timeout=10) == 0
     assert "event=second_signal" in proc.log
     client.close()
+
+
+async def test_sighup_swaps_the_tls_certificate(started, tmp_path: Path):
+    import ssl
+
+    import trustme
+
+    def issue(name: str, ca: trustme.CA) -> tuple[str, str]:
+        leaf = ca.issue_cert("localhost", "127.0.0.1")
+        cert, key = tmp_path / f"{name}-cert.pem", tmp_path / f"{name}-key.pem"
+        leaf.private_key_and_cert_chain_pem.write_to_path(str(cert))
+        leaf.private_key_pem.write_to_path(str(key))
+        return str(cert), str(key)
+
+    old_ca, new_ca = trustme.CA(), trustme.CA()
+    cert, key = issue("live", old_ca)
+    proc, tenant, sink, cfg = await started(
+        listen=[{"address": "127.0.0.1:0", "tls": "implicit"}], tls={"cert": cert, "key": key})
+
+    async def handshake_ok(ca: trustme.CA) -> bool:
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=proc.smtp_ports[0], use_tls=True,
+                                 tls_context=ctx, timeout=10)
+        try:
+            await client.connect()
+        except aiosmtplib.SMTPConnectError:
+            return False
+        await client.quit()
+        return True
+
+    assert await handshake_ok(old_ca) and not await handshake_ok(new_ca)
+    # Same paths, new contents (as certbot's renewal does), then SIGHUP.
+    new_cert, new_key = issue("renewed", new_ca)
+    Path(cert).write_bytes(Path(new_cert).read_bytes())
+    Path(key).write_bytes(Path(new_key).read_bytes())
+    mark = len(proc.lines)
+    proc.signal(signal.SIGHUP)
+    await proc.wait_for("event=reloaded", start=mark)
+    assert await handshake_ok(new_ca) and not await handshake_ok(old_ca)
