@@ -1,0 +1,111 @@
+"""The load generator: worker processes, each running asyncio SMTP sessions
+with aiosmtplib that send messages back to back until a deadline.
+
+One worker process per core keeps the generator from being the only thing
+measured; each session authenticates once (AUTH PLAIN) when credentials are
+given, optionally after STARTTLS, then loops MAIL/RCPT/DATA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import time
+from dataclasses import dataclass
+
+import aiosmtplib
+
+MAX_MESSAGES_PER_SESSION = 1_000_000     # a bound on every loop, besides the deadline
+
+
+@dataclass(frozen=True)
+class Job:
+    port: int
+    sessions: int
+    size: int
+    duration: float
+    user: str | None = None
+    password: str | None = None
+    starttls: bool = False
+    max_messages: int = MAX_MESSAGES_PER_SESSION
+
+
+def make_message(size: int) -> bytes:
+    head = (b"From: bench@example.com\r\nTo: sink@example.net\r\nSubject: bench\r\n"
+            b"Message-ID: <bench@example.com>\r\n\r\n")
+    line = b"x" * 76 + b"\r\n"
+    body = line * max(1, (size - len(head)) // len(line))
+    return head + body
+
+
+async def _session(job: Job, message: bytes, start_at: float, deadline: float,
+                   latencies: list[float], errors: list[str]) -> None:
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=job.port, local_hostname="bench.test",
+                             start_tls=job.starttls, validate_certs=False, timeout=120)
+    try:
+        await client.connect()
+        if job.user:
+            await client.login(job.user, job.password or "")
+        while time.monotonic() < start_at:
+            await asyncio.sleep(0.001)
+        for _ in range(job.max_messages):
+            if time.monotonic() >= deadline:
+                break
+            t0 = time.perf_counter()
+            await client.sendmail("bench@example.com", ["sink@example.net"], message)
+            latencies.append(time.perf_counter() - t0)
+        await client.quit()
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        errors.append(f"{type(exc).__name__}: {exc}")
+        client.close()
+
+
+async def _worker(job: Job, sessions: int, start_at: float) -> tuple[list[float], list[str]]:
+    message = make_message(job.size)
+    latencies: list[float] = []
+    errors: list[str] = []
+    deadline = start_at + job.duration
+    await asyncio.gather(*(_session(job, message, start_at, deadline, latencies, errors)
+                           for _ in range(sessions)))
+    return latencies, errors
+
+
+def _worker_main(job: Job, sessions: int, start_at: float, out: mp.Queue) -> None:
+    out.put(asyncio.run(_worker(job, sessions, start_at)))
+
+
+def run(job: Job, processes: int = 2) -> tuple[list[float], list[str], float]:
+    """Run ``job`` spread over worker processes; return (latencies, errors,
+    measured wall time)."""
+    processes = max(1, min(processes, job.sessions))
+    share = [job.sessions // processes + (1 if i < job.sessions % processes else 0)
+             for i in range(processes)]
+    ctx = mp.get_context("fork")
+    out: mp.Queue = ctx.Queue()
+    # All sessions connect and authenticate first, then start together.
+    start_at = time.monotonic() + 1.0 + job.sessions * 0.01
+    procs = [ctx.Process(target=_worker_main, args=(job, n, start_at, out)) for n in share]
+    for p in procs:
+        p.start()
+    latencies: list[float] = []
+    errors: list[str] = []
+    for _ in procs:
+        lat, err = out.get(timeout=job.duration + 300)
+        latencies += lat
+        errors += err
+    for p in procs:
+        p.join(timeout=30)
+    return latencies, errors, job.duration
+
+
+async def idle_sessions(port: int, user: str, password: str, count: int,
+                        starttls: bool = False) -> list[aiosmtplib.SMTP]:
+    """Open ``count`` authenticated sessions and leave them idle."""
+    clients = []
+    for _ in range(count):
+        c = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, local_hostname="bench.test",
+                            start_tls=starttls, validate_certs=False, timeout=60)
+        await c.connect()
+        await c.login(user, password)
+        clients.append(c)
+    return clients
