@@ -8,6 +8,8 @@ Postfix's choices.
 
 from __future__ import annotations
 
+import re
+
 BANNER_IDENT = "ESMTP relayd"
 
 # AUTH (RFC 4954)
@@ -19,6 +21,11 @@ AUTH_REQUIRED = "530 5.7.0 Authentication required"
 AUTH_LOCKED_OUT = "421 4.7.0 Too many failed authentications from your address, try again later"
 AUTH_ALREADY = "503 5.5.1 Already authenticated"
 AUTH_TEMPFAIL = "454 4.7.0 Temporary authentication failure"
+AUTH_ABORTED = "501 5.7.0 Authentication aborted"
+AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode base64"
+AUTH_CANNOT_SPLIT = "501 5.5.2 Cannot split AUTH PLAIN value"
+# RFC 4954 4: a SASL response longer than the server accepts.
+AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication exchange line is too long"
 
 # Envelope
 OK = "250 2.0.0 Ok"
@@ -48,8 +55,14 @@ TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
 
 
+_NOT_TEXT = re.compile(r"[^\x20-\x7e]")
+
+
 def one_line(text: str, limit: int = 400) -> str:
     """Flatten an upstream's (possibly multi-line) reply so that it can be
-    quoted inside one reply line, bounded and free of CR/LF."""
-    flat = " ".join(text.split())
+    quoted inside one reply line: bounded, free of CR/LF, and printable
+    US-ASCII (RFC 5321 4.2 reply text). An upstream's 8-bit or control bytes
+    used to reach aiosmtpd's ASCII encoder and raise, so that a permanent
+    554 reached the client as 451 4.3.0 (and the client retried)."""
+    flat = _NOT_TEXT.sub("?", " ".join(text.split()))
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."

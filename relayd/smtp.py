@@ -17,6 +17,10 @@ with the reason next to it:
   message is with an upstream cannot make relayd forget that it was sent.
 * Exceptions are logged with the session id and answered 451 4.3.0; their
   text never reaches the client.
+* Reply lines are printable US-ASCII whatever they quote (aiosmtpd echoes
+  unknown command names raw; upstream replies may be 8-bit); AUTH answers
+  are read with a bound (500 5.5.6); once relayd closes a session, nothing
+  the client pipelined behind the last reply runs.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import logging
 import re
 import secrets
 import time
-from base64 import b64decode
+from base64 import b64decode, b64encode
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope
@@ -51,6 +55,8 @@ DATA_CHUNK = 256 * 1024
 # exceed the message size a little.
 DATA_SLACK = 64 * 1024
 CRLF_DOT_CRLF = b"\r\n.\r\n"
+# What may not appear in a reply line (RFC 5321 4.2: printable US-ASCII).
+_NOT_REPLY_TEXT = re.compile(r"[^\x20-\x7e]")
 # "<local@domain>" with a dot-atom local part: nearly every MAIL/RCPT. Anything
 # else (quoted local parts, source routes, no brackets) goes to aiosmtpd's
 # RFC 5322 parser.
@@ -81,6 +87,14 @@ class Session(_Session):
 
 class RelaySMTP(SMTP):
     """One client connection."""
+
+    # The reader's buffer bound: the longest command line (aiosmtpd then
+    # applies its 512-byte command_size_limit), the longest AUTH answer (see
+    # challenge_auth; relayd's own credentials are under 200 bytes of base64)
+    # and what is buffered between DATA reads. aiosmtpd's default, RFC 5321
+    # 4.5.3.1.6 (1000 octets per text line), named here because
+    # challenge_auth relies on it.
+    line_length_limit = 1001
 
     def __init__(self, relay: Relay, tls: str, auth_require_tls: bool):
         cfg = relay.config
@@ -163,6 +177,14 @@ class RelaySMTP(SMTP):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+        # Input read but not yet parsed is dropped: once relayd has decided to
+        # close (421 after too many errors or a lockout, a bare-LF DATA), no
+        # command the client pipelined behind it may run. Without this, one
+        # more buffered command ran before connection_lost (e.g. a 21st
+        # refused RCPT after the 421 of max_errors 20).
+        reader = getattr(self, "_reader", None)
+        if reader is not None:
+            reader._buffer.clear()  # type: ignore[attr-defined]
 
     def _timeout_cb(self) -> None:
         # RFC 5321 4.5.3.2: say why before closing.
@@ -171,8 +193,13 @@ class RelaySMTP(SMTP):
         super()._timeout_cb()
 
     async def push(self, status: str | bytes) -> None:
-        await super().push(status)
         text = status if isinstance(status, str) else status.decode("ascii", "replace")
+        if not (text.isascii() and text.isprintable()):
+            # RFC 5321 4.2: reply text is printable US-ASCII. aiosmtpd echoes
+            # an unknown command name as received (NUL, bare CR, ESC...), and
+            # a non-ASCII character would make its ASCII encoder raise.
+            text = status = _NOT_REPLY_TEXT.sub("?", text)
+        await super().push(status)
         if text[:1] in ("4", "5") and not text.startswith("421") and self.session is not None:
             self.session.errors += 1
             if self.session.errors >= self.relay.config.limits.max_errors:
@@ -189,7 +216,56 @@ class RelaySMTP(SMTP):
         if arg:
             mechanism, sep, rest = arg.partition(" ")
             arg = mechanism.upper() + sep + rest
+        if self.session is not None and self.session.authenticated:
+            # RFC 4954 4: no AUTH after a successful one (aiosmtpd's 503 has
+            # no enhanced code).
+            await self.push(replies.AUTH_ALREADY)
+            return
         await super().smtp_AUTH(arg)
+
+    async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True,
+                             log_client_response: bool = False) -> Any:
+        """aiosmtpd's, with the client's answer read with a bound. Its
+        readline() turned an answer longer than the reader's limit into a
+        ValueError (answered 451 4.3.0 and logged as an internal error) and,
+        when the line was longer than the buffer, left the rest of it to be
+        read as commands. Now: the whole line is discarded and the reply is
+        RFC 4954's 500 5.5.6. The client's answer is never logged."""
+        raw = challenge.encode() if isinstance(challenge, str) else challenge
+        await self.push(b"334 " + (b64encode(raw) if encode_to_b64 else raw))
+        reader = self._reader
+        try:
+            try:
+                line = await reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError as error:
+                await reader.readexactly(error.consumed)
+                while True:                     # up to the end of the line
+                    try:
+                        await reader.readuntil(b"\n")
+                        break
+                    except asyncio.LimitOverrunError as more:
+                        await reader.readexactly(more.consumed)
+                await self.push(replies.AUTH_LINE_TOO_LONG)
+                return MISSING
+        except asyncio.IncompleteReadError:    # the client hung up mid-AUTH
+            self.close()
+            return MISSING
+        blob = line.strip()
+        if blob == b"*":                         # RFC 4954 4: the client cancels
+            await self.push(replies.AUTH_ABORTED)
+            return MISSING
+        try:
+            return b64decode(blob, validate=True)
+        except binascii.Error:
+            await self.push(replies.AUTH_BAD_BASE64)
+            return MISSING
+
+    async def handle_exception(self, error: Exception) -> str:
+        # STYLE 5: the exception goes to the log with the session id (the
+        # handler's hook could not name the session), never to the client.
+        session = getattr(self.session, "id", "-")
+        log.error("session=%s unexpected error in SMTP session", session, exc_info=error)
+        return replies.INTERNAL_ERROR
 
     # -- DATA
 
@@ -300,7 +376,7 @@ class RelayHandler:
                 return AuthResult(success=False, handled=True)
         parts = blob.split(b"\0")
         if len(parts) != 3:
-            await server.push("501 5.5.2 Cannot split AUTH PLAIN value")
+            await server.push(replies.AUTH_CANNOT_SPLIT)
             return AuthResult(success=False, handled=True)
         return await self._check(server, parts[1], parts[2])
 
@@ -321,7 +397,7 @@ class RelayHandler:
         try:
             return b64decode(text.encode("ascii"), validate=True)
         except (binascii.Error, ValueError, UnicodeEncodeError):
-            await server.push("501 5.5.2 Cannot decode base64")
+            await server.push(replies.AUTH_BAD_BASE64)
             return None
 
     async def _check(self, server: RelaySMTP, login: bytes, password: bytes) -> AuthResult:
@@ -508,7 +584,3 @@ class RelayHandler:
                           last.rewritten, last.reply)
         return finish("deferred", replies.DELIVERY_DEFERRED.format(reply=reply), last.upstream,
                       last.rewritten, last.reply)
-
-    async def handle_exception(self, error: Exception) -> str:
-        log.error("unexpected error in SMTP session", exc_info=error)
-        return replies.INTERNAL_ERROR

@@ -37,10 +37,12 @@ by the dialect owning the path's prefix.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
+import socket
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -502,7 +504,21 @@ class HttpServer(asyncio.AbstractServer):
         self._unix: tuple[str, int] | None = None     # (path, inode) of our socket file
 
     async def start_unix(self, path: str) -> None:
-        self.server = await asyncio.start_unix_server(self._client, path)
+        # The socket file is born 0600 whatever the umask (Linux gives it the
+        # mode of the socket's inode, which fchmod sets before bind); the
+        # caller then chmods it to admin.mode. Binding by path under a
+        # permissive umask (embedded use: relayd's CLI sets 077) left a
+        # window between listen() and that chmod in which anyone able to
+        # reach the directory could connect, and keep the connection.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with contextlib.suppress(OSError):      # not every system allows it
+                os.fchmod(sock.fileno(), 0o600)
+            sock.bind(path)
+        except BaseException:
+            sock.close()
+            raise
+        self.server = await asyncio.start_unix_server(self._client, sock=sock)
         self._unix = (path, os.stat(path).st_ino)
 
     async def start_tcp(self, host: str, port: int) -> None:
