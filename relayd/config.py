@@ -137,6 +137,9 @@ class Limits(Strict):
     max_sessions: PositiveInt = 1000               # concurrent SMTP sessions
     max_sessions_per_ip: PositiveInt = 50          # concurrent sessions per client IP
     max_errors: PositiveInt = 20                   # like smtpd_hard_error_limit
+    # Longest command line or AUTH answer buffered, CRLF included (RFC 5321
+    # 4.5.3.1.6: 1000 octets per text line; 512 per command line).
+    max_line_length: Annotated[int, Field(ge=512, le=65536)] = 1001
 
 
 class AuthFailures(Strict):
@@ -155,6 +158,7 @@ class Timeouts(Strict):
     connect: Seconds = 10     # upstream TCP connect + TLS + greeting
     command: Seconds = 30     # each upstream reply
     session: Seconds = 300    # idle client (RFC 5321 4.5.3.2.7 says 5 minutes)
+    data: Seconds = 600       # a whole DATA phase, however slowly the client sends
 
 
 def _no_crlf(v: str | None) -> str | None:

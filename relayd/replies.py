@@ -53,6 +53,7 @@ SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 TOO_MANY_SESSIONS = "421 4.7.0 Too many connections, try again later"
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
+DATA_TIMEOUT = "421 4.4.2 DATA took too long, closing connection"
 
 
 _NOT_TEXT = re.compile(r"[^\x20-\x7e]")

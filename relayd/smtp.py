@@ -88,17 +88,15 @@ class Session(_Session):
 class RelaySMTP(SMTP):
     """One client connection."""
 
-    # The reader's buffer bound: the longest command line (aiosmtpd then
-    # applies its 512-byte command_size_limit), the longest AUTH answer (see
-    # challenge_auth; relayd's own credentials are under 200 bytes of base64)
-    # and what is buffered between DATA reads. aiosmtpd's default, RFC 5321
-    # 4.5.3.1.6 (1000 octets per text line), named here because
-    # challenge_auth relies on it.
-    line_length_limit = 1001
-
     def __init__(self, relay: Relay, tls: str, auth_require_tls: bool):
         cfg = relay.config
         self.relay = relay
+        # The reader's buffer bound (limits.max_line_length, default 1001 as
+        # aiosmtpd's, RFC 5321 4.5.3.1.6): the longest command line (aiosmtpd
+        # then applies its 512-byte command_size_limit) and the longest AUTH
+        # answer (see challenge_auth; relayd's own credentials are under 200
+        # bytes of base64). aiosmtpd reads it in its __init__.
+        self.line_length_limit = cfg.limits.max_line_length
         self._counted = False
         super().__init__(
             RelayHandler(relay),
@@ -315,9 +313,16 @@ class RelaySMTP(SMTP):
         buf = bytearray(b"\r\n")
         scan = 0
         oversize = False
+        # The idle timer is reset per chunk, so a client trickling bytes would
+        # never time out: timeouts.data bounds the whole DATA phase.
+        deadline = self.loop.time() + self.relay.config.timeouts.data
         while True:
             chunk = await reader.read(DATA_CHUNK)
             if not chunk:
+                self.close()
+                return None
+            if self.loop.time() > deadline:
+                await self.push(replies.DATA_TIMEOUT)
                 self.close()
                 return None
             self._reset_timeout()

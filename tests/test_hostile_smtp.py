@@ -708,3 +708,44 @@ def test_failed_auth_bookkeeping_is_bounded_against_address_hopping():
     assert not throttle.locked("198.51.100.0", 1000.0)       # forgotten
     throttle.failure("198.51.100.999", 1000.0)
     assert throttle.locked("198.51.100.999", 1000.0)         # the recent ones still count
+
+
+async def test_trickling_data_is_cut_at_timeouts_data(relay_factory, sink_factory, provision):
+    # Each byte resets the idle timer (timeouts.session), so only the DATA
+    # deadline stops a client that sends one line every 0.1 s forever.
+    relay = await relay_factory(timeouts={"session": 30, "data": 0.5})
+    sink = await sink_factory()
+    tenant = await provision(relay, upstreams=[sink_upstream(sink)])
+    c = await authed(relay, tenant)
+    assert (await c.cmd("MAIL FROM:<app@example.com>")).code == 250
+    assert (await c.cmd("RCPT TO:<r@example.net>")).code == 250
+    assert (await c.cmd("DATA")).code == 354
+    reply = None
+    for _ in range(100):                       # at most 10 s of trickling
+        try:
+            c.write(b"x\r\n")
+            await c.writer.drain()
+            reply = await asyncio.wait_for(c.reply(), 0.1)
+            break
+        except asyncio.TimeoutError:
+            continue
+    assert reply is not None and (reply.code, reply.enhanced) == (421, "4.4.2"), reply
+    assert await c.at_eof()
+    await c.close()
+    await wait_for(lambda: relay.ledger.reserved(tenant.user) == 0)
+    assert sink.messages == []
+
+
+async def test_max_line_length_is_configurable(relay_factory, provision):
+    relay = await relay_factory(limits={"max_line_length": 600})
+    tenant = await provision(relay)
+    c = await RawSMTP.open(relay.smtp_ports[0])
+    await c.ehlo()
+    r = await c.cmd(b"NOOP " + b"x" * 700)
+    assert r.code == 500 and "too long" in r.text
+    # An AUTH answer over the limit is refused as RFC 4954 says, not an error.
+    assert (await c.cmd("AUTH LOGIN")).code == 334
+    r = await c.cmd(b"A" * 700)
+    assert (r.code, r.enhanced) == (500, "5.5.6"), r
+    await c.login(tenant.user, tenant.password)
+    await c.close()
