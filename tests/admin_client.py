@@ -194,3 +194,13 @@ async def new_app(client: AdminClient, owner: Owner, *, strategy: str = "random"
     r = await client.request("POST", "/admin/apps", json=body)
     assert r.status == 201, r.body
     return str(r.json()["idapp"])
+
+
+async def http_get(port: int, path: str) -> tuple[int, bytes]:
+    """GET over TCP on 127.0.0.1 (the metrics listener): (status, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body

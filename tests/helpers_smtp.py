@@ -155,6 +155,14 @@ async def authed(relay: Any, tenant: Any, *, port_index: int = 0) -> RawSMTP:
     return client
 
 
+async def open_data(client: RawSMTP, sender: str = "app@example.com",
+                    rcpt: str = "to@example.net") -> None:
+    """MAIL, RCPT and DATA up to the 354: the client is now sending the body."""
+    assert (await client.cmd(f"MAIL FROM:<{sender}>")).code == 250
+    assert (await client.cmd(f"RCPT TO:<{rcpt}>")).code == 250
+    assert (await client.cmd("DATA")).code == 354
+
+
 async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     """Wait until ``predicate()`` holds (for effects of a disconnect, which
     no reply announces). Polls the event loop; fails after ``timeout``."""

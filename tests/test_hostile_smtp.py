@@ -34,7 +34,8 @@ from typing import Any
 import pytest
 
 from conftest import simple_message, sink_upstream
-from helpers_smtp import ConnectionClosed, RawSMTP, Reply, authed, b64, plain_blob, wait_for
+from helpers_smtp import (ConnectionClosed, RawSMTP, Reply, authed, b64, open_data, plain_blob,
+                          wait_for)
 from test_smtp_replies import SMUGGLED, normalised
 
 SENDER = "app@example.com"
@@ -458,9 +459,7 @@ async def test_oversize_data_is_discarded_while_reading(relay_factory, sink_fact
     sink = await sink_factory()
     tenant = await provision(relay, upstreams=[sink_upstream(sink)])
     c = await authed(relay, tenant)
-    assert (await c.cmd(f"MAIL FROM:<{SENDER}>")).code == 250
-    assert (await c.cmd(f"RCPT TO:<{RCPT}>")).code == 250
-    assert (await c.cmd("DATA")).code == 354
+    await open_data(c, SENDER, RCPT)
     chunk = (b"x" * 76 + b"\r\n") * 840          # 64 KiB-ish, one object reused
     total = 50 << 20
     baseline = peak = vm_rss()
@@ -553,9 +552,7 @@ async def test_slow_data_client_is_not_cut_off(relay_factory, sink_factory, prov
     sink = await sink_factory()
     tenant = await provision(relay, upstreams=[sink_upstream(sink)])
     c = await authed(relay, tenant)
-    assert (await c.cmd(f"MAIL FROM:<{SENDER}>")).code == 250
-    assert (await c.cmd(f"RCPT TO:<{RCPT}>")).code == 250
-    assert (await c.cmd("DATA")).code == 354
+    await open_data(c, SENDER, RCPT)
     body = MSG
     c.write(MSG)
     for i in range(20):
@@ -581,9 +578,7 @@ async def test_hangup_while_the_upstream_decides(relay_factory, sink_factory, pr
     sink = await sink_factory("hang")
     tenant = await provision(relay, upstreams=[sink_upstream(sink)])
     c = await authed(relay, tenant)
-    assert (await c.cmd(f"MAIL FROM:<{SENDER}>")).code == 250
-    assert (await c.cmd(f"RCPT TO:<{RCPT}>")).code == 250
-    assert (await c.cmd("DATA")).code == 354
+    await open_data(c, SENDER, RCPT)
     c.write(MSG + b".\r\n")
     await wait_for(lambda: sink.transactions == 1)
     c.writer.transport.abort()
@@ -717,9 +712,7 @@ async def test_trickling_data_is_cut_at_timeouts_data(relay_factory, sink_factor
     sink = await sink_factory()
     tenant = await provision(relay, upstreams=[sink_upstream(sink)])
     c = await authed(relay, tenant)
-    assert (await c.cmd("MAIL FROM:<app@example.com>")).code == 250
-    assert (await c.cmd("RCPT TO:<r@example.net>")).code == 250
-    assert (await c.cmd("DATA")).code == 354
+    await open_data(c)
     reply = None
     for _ in range(100):                       # at most 10 s of trickling
         try:

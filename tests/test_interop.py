@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import sink_upstream
-from test_metrics import http_get
+from admin_client import http_get
 
 pytestmark = pytest.mark.slow
 

@@ -14,18 +14,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import base_config, simple_message, sink_upstream, smtp_client
+from admin_client import http_get
 from helpers_smtp import RawSMTP, plain_blob
 from relayd_proc import RelaydProcess
 from test_signals import provision_db
-
-
-async def http_get(port: int, path: str) -> tuple[int, bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-    raw = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
 
 
 async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

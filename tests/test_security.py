@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from admin_client import AdminClient
+from admin_client import AdminClient, http_get
 from conftest import base_config, simple_message, sink_upstream, smtp_client
 from helpers_smtp import RawSMTP, b64, plain_blob
 from relayd import store as store_mod
@@ -72,15 +72,6 @@ def assert_no_secret(ex: Exercise, where: str, text: bytes | str) -> None:
     data = text.encode("utf-8", "replace") if isinstance(text, str) else text
     for name, needle in ex.needles():
         assert needle not in data, f"{name} appears in {where}"
-
-
-async def http_get(port: int, path: str) -> tuple[int, bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-    raw = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
 
 
 async def exercise(admin: AdminClient, smtp_port: int, metrics_port: int, sink: Any,
