@@ -35,15 +35,6 @@ class NotFound(RelaydError):
         super().__init__(f"{kind} not found")
 
 
-class Refused(RelaydError):
-    """A valid request that the rules forbid (e.g. priority strategy on the
-    free plan). ``code`` is the seed-000 406 code where one applies."""
-
-    def __init__(self, message: str, code: int = 0):
-        self.code = code
-        super().__init__(message)
-
-
 class UpstreamError(RelaydError):
     """One upstream attempt failed. ``permanent`` is True only for a 5xx reply
     (SPEC 3.7-3.8): the next upstream would refuse the message too."""

@@ -16,11 +16,12 @@ BANNER_IDENT = "ESMTP relayd"
 AUTH_OK = "235 2.7.0 Authentication successful"
 AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 AUTH_DISABLED = "525 5.7.13 User account disabled"
-AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
-AUTH_REQUIRED = "530 5.7.0 Authentication required"
+# 538 and 530 are written by aiosmtpd itself (auth_require_tls and
+# auth_required), with exactly the codes SPEC 3.1 and 3.3 ask for:
+#   538 5.7.11 Encryption required for requested authentication mechanism
+#   530 5.7.0 Authentication required
 AUTH_LOCKED_OUT = "421 4.7.0 Too many failed authentications from your address, try again later"
 AUTH_ALREADY = "503 5.5.1 Already authenticated"
-AUTH_TEMPFAIL = "454 4.7.0 Temporary authentication failure"
 AUTH_ABORTED = "501 5.7.0 Authentication aborted"
 AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode base64"
 AUTH_CANNOT_SPLIT = "501 5.5.2 Cannot split AUTH PLAIN value"
@@ -31,7 +32,6 @@ AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication exchange line is too long"
 OK = "250 2.0.0 Ok"
 SENDER_OK = "250 2.1.0 Sender ok"
 RCPT_OK = "250 2.1.5 Recipient ok"
-NESTED_MAIL = "503 5.5.1 Error: nested MAIL command"
 HOURLY_LIMIT = "451 4.7.1 Hourly sending limit reached, try again later"
 TOTAL_LIMIT = "550 5.7.1 Total sending limit reached"
 TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
@@ -41,6 +41,9 @@ BAD_SENDER_ADDRESS = "553 5.1.7 Sender address contains characters that are not 
 BAD_RCPT_ADDRESS = "553 5.1.3 Recipient address contains characters that are not allowed"
 
 # DATA
+NEED_RCPT = "503 5.5.1 Error: need RCPT command"
+DATA_SYNTAX = "501 5.5.4 Syntax: DATA"
+START_DATA = "354 End data with <CR><LF>.<CR><LF>"
 QUEUED = "250 2.0.0 Ok: queued as {id}"
 DELIVERY_DEFERRED = "451 4.4.1 Delivery failed temporarily: {reply}"
 DELIVERY_REFUSED = "554 5.0.0 Upstream refused the message: {reply}"
@@ -48,6 +51,7 @@ DELIVERY_REFUSED = "554 5.0.0 Upstream refused the message: {reply}"
 BARE_LF = "500 5.5.2 Error: bare <LF> received"
 
 # Session
+BYE = "221 2.0.0 Bye"
 INTERNAL_ERROR = "451 4.3.0 Internal error, try again later"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 TOO_MANY_SESSIONS = "421 4.7.0 Too many connections, try again later"

@@ -280,12 +280,12 @@ class RelaySMTP(SMTP):
             return
         assert self.envelope is not None and self.session is not None
         if not self.envelope.rcpt_tos:
-            await self.push("503 5.5.1 Error: need RCPT command")
+            await self.push(replies.NEED_RCPT)
             return
         if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
+            await self.push(replies.DATA_SYNTAX)
             return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        await self.push(replies.START_DATA)
         body = await self._read_data(self.relay.config.limits.max_message_size)
         if body is None:          # connection lost mid-DATA
             return
@@ -449,7 +449,7 @@ class RelayHandler:
 
     async def handle_QUIT(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
         self.release(session)
-        return "221 2.0.0 Bye"
+        return replies.BYE
 
     async def handle_MAIL(self, server: RelaySMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
