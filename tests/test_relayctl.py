@@ -121,6 +121,11 @@ async def test_user_commands(relay):
     assert "not found" in await refused(relay, "user", "edit", "smtp1", "--status", "Enable")
     await ok(relay, "user", "remove", name)
     assert relay.store.get_user(name) is None
+    # The short spellings of the example: user add --total 100 --hourly 10.
+    short = await ok(relay, "user", "add", "--owner", owner["owner_id"], "--total", "100",
+                     "--hourly", "10")
+    user = relay.store.get_user(short["smtp_user_name"])
+    assert (user.total_limit, user.hourly_limit) == (100, 10)
 
 
 async def test_smtp_commands(relay, sink_factory):
