@@ -8,11 +8,13 @@ with the reason next to it:
 * AUTH PLAIN/LOGIN are the handler's own, async, so credentials are checked
   against the store without blocking and a failure always gets its 535
   (aiosmtpd's AuthResult(success=False) default would send nothing).
-* DATA is read in bulk: the end marker is searched on the buffer and dot
-  stuffing undone with one bytes.replace, instead of aiosmtpd's per-line
-  loop. Only <CRLF>.<CRLF> ends DATA (bare LF or CR never do: RFC 5321
-  4.1.1.4, the SMTP-smuggling fix), and the size limit is enforced while
-  reading: past it the data is discarded, then 552 5.3.4.
+* DATA is read in bulk: the end marker is searched on the buffer instead of
+  aiosmtpd's per-line loop, and the message is kept in its wire form
+  (dot-stuffed, as received): the From rewrite only touches header lines,
+  which never start with a dot, and upstream.py sends the wire form as is
+  once its line endings check out. Only <CRLF>.<CRLF> ends DATA (bare LF or
+  CR never do: RFC 5321 4.1.1.4, the SMTP-smuggling fix), and the size limit
+  is enforced while reading: past it the data is discarded, then 552 5.3.4.
 * Delivery runs shielded from the client: a client that hangs up while its
   message is with an upstream cannot make relayd forget that it was sent.
 * Exceptions are logged with the session id and answered 451 4.3.0; their
@@ -42,7 +44,7 @@ from .errors import NotFound, StoreError
 from .maillog import event, message_line
 from .policy import Verdict, rewrite_verdict
 from .records import Upstream
-from .upstream import deliver
+from .upstream import deliver, unstuff
 
 if TYPE_CHECKING:
     from .daemon import Relay
@@ -286,18 +288,18 @@ class RelaySMTP(SMTP):
             await self.push(replies.DATA_SYNTAX)
             return
         await self.push(replies.START_DATA)
-        body = await self._read_data(self.relay.config.limits.max_message_size)
-        if body is None:          # connection lost mid-DATA
+        wire = await self._read_data(self.relay.config.limits.max_message_size)
+        if wire is None:          # connection lost mid-DATA
             return
         handler: RelayHandler = self.event_handler
-        if body is False:
+        if wire is False:
             handler.release(self.session)
             self._set_post_data_state()
             metrics.MESSAGES.labels("rejected").inc()
             await self.push(replies.MESSAGE_TOO_BIG)
             return
         self.session.messages += 1
-        status = await handler.deliver(self, self.session, self.envelope, body)
+        status = await handler.deliver(self, self.session, self.envelope, wire)
         self._set_post_data_state()
         await self.push(status)
         if self.relay.draining:
@@ -305,7 +307,8 @@ class RelaySMTP(SMTP):
             self.close()
 
     async def _read_data(self, limit: int) -> bytes | bool | None:
-        """Read up to <CRLF>.<CRLF>; return the un-stuffed body, False if it
+        """Read up to <CRLF>.<CRLF>; return the message in wire form (still
+        dot-stuffed, lines as received, without the end marker), False if it
         was larger than ``limit``, None on disconnect."""
         reader = self._reader
         # A virtual CRLF before the first line lets one search find the end
@@ -342,10 +345,10 @@ class RelaySMTP(SMTP):
             scan = max(len(buf) - 4, 0)
         if oversize:
             return False
-        if b"\r\n.." in buf:
-            buf = buf.replace(b"\r\n..", b"\r\n.")
         del buf[:2]
-        if len(buf) > limit:
+        # The limit is on the message, not on its stuffed form: one byte per
+        # line starting with a dot is not the client's (counted only when close).
+        if len(buf) > limit and len(unstuff(bytes(buf))) > limit:
             return False
         return bytes(buf)
 
@@ -504,17 +507,18 @@ class RelayHandler:
     # -- delivery
 
     async def deliver(self, server: RelaySMTP, session: Session, envelope: Envelope,
-                      body: bytes) -> str:
+                      wire: bytes) -> str:
         # From here the delivery owns the reservation: a disconnect must not
         # release units for a message an upstream may be accepting.
         units, session.reserved = session.reserved, 0
-        task = asyncio.ensure_future(self._deliver(session, envelope, body, units))
+        task = asyncio.ensure_future(self._deliver(session, envelope, wire, units))
         self.relay.inflight.add(task)
         task.add_done_callback(self.relay.inflight.discard)
         return await asyncio.shield(task)
 
-    async def _deliver(self, session: Session, envelope: Envelope, body: bytes,
+    async def _deliver(self, session: Session, envelope: Envelope, wire: bytes,
                        units: int) -> str:
+        # ``wire``: the message as received after DATA, still dot-stuffed.
         relay = self.relay
         started = time.monotonic()
         sender = envelope.mail_from or ""
@@ -522,7 +526,7 @@ class RelayHandler:
         msg_id = session.message_id()
         fields: dict[str, Any] = dict(
             session=msg_id, user=session.user, client=session.ip, **{"from": sender},
-            rcpts=len(rcpts), size=len(body))
+            rcpts=len(rcpts), size=len(wire))
         user = relay.store.get_user(session.user or "")
         ts = time.time()
 
@@ -554,14 +558,14 @@ class RelayHandler:
             relay.ledger.release(user.name, units)
             return finish("error", replies.INTERNAL_ERROR)
 
-        header_domain = rewrite.from_domain(body)
+        header_domain = rewrite.from_domain(wire)
 
         def prepare(u: Upstream) -> tuple[str, bytes, bool]:
             verdict = rewrite_verdict(u, sender, header_domain)
             if not verdict.rewrite:
-                return sender, body, False
+                return sender, wire, False
             assert verdict.from_header is not None
-            return verdict.envelope_sender, rewrite.rewrite_from(body, verdict.from_header), True
+            return verdict.envelope_sender, rewrite.rewrite_from(wire, verdict.from_header), True
 
         cfg = relay.config
         outcome = await deliver(

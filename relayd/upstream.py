@@ -51,27 +51,43 @@ def _reply(code: int | None, message: str) -> str:
     return f"{code} {text}" if code else text
 
 
-def wire_data(message: bytes) -> tuple[bytes, ...]:
+def wire_data(message: bytes, *, stuffed: bool = False) -> tuple[bytes, ...]:
     """The bytes to send after DATA: CRLF line endings, dot-stuffed (RFC 5321
     4.5.2), ending with <CRLF>.<CRLF>.
 
-    The common case (every line already ends in CRLF, no bare CR or LF) is
-    checked with three C-speed counts and stuffed with one bytes.replace; only
-    a message with bare line endings goes through aiosmtplib's per-line
-    normaliser, which turns each bare LF/CR into CRLF. That also defuses
-    SMTP smuggling downstream: a bare "\n.\n" can never reach an upstream
-    as a line holding a lone dot.
+    ``stuffed``: ``message`` is already in wire form, as relayd received it
+    (smtp.py keeps it so): then the common case costs three C-speed counts
+    and no copy. A plain message is stuffed with one bytes.replace. Only a
+    message with bare CR or LF goes through aiosmtplib's per-line
+    normaliser, which turns each into CRLF; that also defuses SMTP smuggling
+    downstream: a bare "\n.\n" can never reach an upstream as a line holding
+    a lone dot.
     """
     crlf = message.count(b"\r\n")
     if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
+        if stuffed:
+            message, stuffed = unstuff(message), False
         message = normalize_message_line_endings(message)
-    if b"\r\n." in message:
-        message = message.replace(b"\r\n.", b"\r\n..")
-    if message.startswith(b"."):
-        message = b"." + message
+    if not stuffed:
+        message = stuff(message)
     if message and not message.endswith(b"\r\n"):
         return message, b"\r\n.\r\n"
     return message, b".\r\n"
+
+
+def stuff(message: bytes) -> bytes:
+    """Dot-stuff a message whose lines end in CRLF (RFC 5321 4.5.2)."""
+    if b"\r\n." in message:
+        message = message.replace(b"\r\n.", b"\r\n..")
+    return b"." + message if message.startswith(b".") else message
+
+
+def unstuff(wire: bytes) -> bytes:
+    """Undo dot-stuffing: the first dot of every line that starts with one
+    (lines end in CRLF only, as relayd's DATA reader reads them)."""
+    if b"\r\n.." in wire:
+        wire = wire.replace(b"\r\n..", b"\r\n.")
+    return wire[1:] if wire.startswith(b"..") else wire
 
 
 async def _data(client: aiosmtplib.SMTP, chunks: tuple[bytes, ...]) -> aiosmtplib.SMTPResponse:
@@ -137,12 +153,13 @@ def _connection_error(exc: BaseException) -> UpstreamError:
 
 async def send_once(u: Upstream, sender: str, recipients: Sequence[str], message: bytes, *,
                     local_hostname: str, connect_timeout: float, command_timeout: float,
-                    pool: Pool | None = None) -> str:
+                    pool: Pool | None = None, stuffed: bool = False) -> str:
     """One attempt through one upstream; return its final reply text or raise
-    UpstreamError (classified). With a pool the connection is reused and
-    kept; a pooled connection that turns out dead before DATA is replaced
-    once by a fresh one without counting as an upstream error."""
-    payload = wire_data(message)
+    UpstreamError (classified). ``stuffed``: see wire_data. With a pool the
+    connection is reused and kept; a pooled connection that turns out dead
+    before DATA is replaced once by a fresh one without counting as an
+    upstream error."""
+    payload = wire_data(message, stuffed=stuffed)
 
     async def open_new() -> aiosmtplib.SMTP:
         return await _open(u, local_hostname, connect_timeout, command_timeout)
@@ -249,7 +266,8 @@ async def deliver(candidates: Sequence[Upstream], recipients: Sequence[str], pre
                   record: Record, *, local_hostname: str, connect_timeout: float,
                   command_timeout: float, deadline: float, pool: Pool | None = None) -> Outcome:
     """Try ``candidates`` in order until one accepts, a permanent refusal, or
-    ``deadline`` seconds pass (SPEC 3.7)."""
+    ``deadline`` seconds pass (SPEC 3.7). ``prepare`` returns each
+    upstream's message in DATA wire form (dot-stuffed, as received)."""
     outcome = Outcome()
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline
@@ -264,7 +282,8 @@ async def deliver(candidates: Sequence[Upstream], recipients: Sequence[str], pre
                 reply = await send_once(u, sender, recipients, message,
                                         local_hostname=local_hostname,
                                         connect_timeout=min(connect_timeout, remaining),
-                                        command_timeout=command_timeout, pool=pool)
+                                        command_timeout=command_timeout, pool=pool,
+                                        stuffed=True)
         except TimeoutError:
             err = UpstreamError(f"failover deadline of {deadline:g}s reached")
         except UpstreamError as exc:

@@ -216,3 +216,35 @@ def test_route_respects_priority_cooldown_and_cap(own, system, plan, strategy, m
     elif candidates:
         oldest = min((u.last_error or 0.0) for u in candidates)
         assert len(got) == 1 and (got[0].last_error or 0.0) == oldest
+
+
+# -------------------------------------------------------------- DATA wire form
+# relayd keeps a message in the dot-stuffed form it was received in and
+# sends it upstream as is (upstream.wire_data(..., stuffed=True)); these
+# properties pin that this equals stuffing the plain message afresh.
+
+LINES = st.lists(st.sampled_from([b"", b".", b"..", b".x", b"x.", b"text", b"\x00", b"\xc3\xa9",
+                                  b"a\nb", b"a\rb", b"\n.\n", b"\r.\r"]), max_size=12)
+
+
+@given(st.binary(max_size=200))
+@example(b"..\r\n..\r\n.")
+def test_unstuff_inverts_stuff(message):
+    from relayd.upstream import stuff, unstuff
+    assert unstuff(stuff(message)) == message
+
+
+@given(LINES)
+@example([b".", b""])
+@example([b"a\nb", b".x"])
+def test_sending_the_received_wire_form_equals_stuffing_the_message(lines):
+    from relayd.upstream import stuff, wire_data
+    message = b"".join(line + b"\r\n" for line in lines)
+    # What a client sends after DATA for this message (RFC 5321 4.5.2), and
+    # what relayd's reader keeps of it.
+    received = stuff(message)
+    assert wire_data(received, stuffed=True) == wire_data(message)
+    payload = b"".join(wire_data(received, stuffed=True))
+    # Whatever the bytes, the payload is CRLF-clean and ends DATA exactly once.
+    assert payload.count(b"\r\n") == payload.count(b"\n") == payload.count(b"\r")
+    assert payload.endswith(b"\r\n.\r\n") and payload.count(b"\r\n.\r\n") == 1 or payload == b".\r\n"
