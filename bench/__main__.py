@@ -59,16 +59,18 @@ def wait_port(port: int, timeout: float = 30) -> None:
     raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
-def start_sink() -> tuple[subprocess.Popen, int, str]:
+def start_sink(kind: str = "auto") -> tuple[subprocess.Popen, int, str]:
     port = free_port()
     smtp_sink = shutil.which("smtp-sink") or (
         "/usr/sbin/smtp-sink" if os.path.exists("/usr/sbin/smtp-sink") else None)
-    if smtp_sink:
+    if kind == "smtp-sink" and not smtp_sink:
+        raise SystemExit("smtp-sink is not installed: apt-get install postfix")
+    if smtp_sink and kind != "aiosmtpd":
         argv = [smtp_sink, "-u", "nobody", f"127.0.0.1:{port}", "1024"]
         kind = "Postfix smtp-sink"
     else:
         argv = [sys.executable, "-m", "bench.sink", str(port)]
-        kind = "aiosmtpd sink (smtp-sink not installed)"
+        kind = "aiosmtpd sink" + ("" if kind == "aiosmtpd" else " (smtp-sink not installed)")
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             cwd=HERE.parent)
     wait_port(port)
@@ -262,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sessions", default="1,10,50")
     p.add_argument("--idle", type=int, default=1000, help="idle authenticated sessions (1000)")
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    p.add_argument("--sink", choices=("auto", "smtp-sink", "aiosmtpd"), default="auto",
+                   help="upstream sink: Postfix's smtp-sink when installed (auto), or aiosmtpd")
     p.add_argument("--profile", action="store_true",
                    help="sample relayd with py-spy during the 1 KB x 50 point (pip install py-spy)")
     args = p.parse_args(argv)
@@ -275,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--profile needs py-spy: pip install py-spy")
     with tempfile.TemporaryDirectory(prefix="relayd-bench-") as tmp:
         profile_path = Path(tmp) / "profile.txt"
-        sink, sink_port, sink_kind = start_sink()
+        sink, sink_port, sink_kind = start_sink(args.sink)
         relayd = Relayd(Path(tmp))
         try:
             user, password = provision(relayd, sink_port)
