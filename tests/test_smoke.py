@@ -1,7 +1,5 @@
 """End-to-end: an authenticated client's message reaches the sink."""
 
-import aiosmtplib
-import pytest
 
 from conftest import simple_message, sink_upstream, smtp_client
 
