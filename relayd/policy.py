@@ -123,6 +123,28 @@ class Ledger:
         return u.reserved if u else 0
 
 
+@dataclass
+class Hold:
+    """The units one message in delivery holds: settled exactly once, by
+    commit (an upstream accepted) or release (anything else, including an
+    unexpected error: callers release in a ``finally``)."""
+
+    ledger: Ledger
+    user: str
+    units: int
+    settled: bool = False
+
+    def commit(self, ts: float) -> None:
+        if not self.settled:
+            self.settled = True
+            self.ledger.commit(self.user, self.units, ts)
+
+    def release(self) -> None:
+        if not self.settled:
+            self.settled = True
+            self.ledger.release(self.user, self.units)
+
+
 # --------------------------------------------------------------------------
 # From rewrite verdict (SPEC 3.6)
 

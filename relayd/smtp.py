@@ -42,7 +42,7 @@ from aiosmtpd.smtp import Session as _Session
 from . import metrics, replies, rewrite
 from .errors import NotFound, StoreError
 from .maillog import event, message_line
-from .policy import Verdict, rewrite_verdict
+from .policy import Hold, Verdict, rewrite_verdict
 from .records import Upstream
 from .upstream import deliver, unstuff
 
@@ -529,6 +529,7 @@ class RelayHandler:
             rcpts=len(rcpts), size=len(wire))
         user = relay.store.get_user(session.user or "")
         ts = time.time()
+        hold = Hold(relay.ledger, session.user or "", units)
 
         def finish(result: str, reply: str, outcome_upstream: Upstream | None = None,
                    rewritten: bool = False, upstream_reply: str = "") -> str:
@@ -540,56 +541,57 @@ class RelayHandler:
                          duration=round(time.monotonic() - started, 3))
             return reply
 
-        if user is None or not user.enabled:
-            relay.ledger.release(session.user or "", units)
-            return finish("rejected", replies.AUTH_DISABLED)
         try:
-            candidates = relay.candidates(user, sender)
-        except NotFound:
-            candidates = []
-        if not candidates:
-            relay.ledger.release(user.name, units)
-            return finish("deferred", replies.NO_UPSTREAM)
-        try:
-            # Journal first: a crash from here on leaves the message counted.
-            await relay.store.journal_send(user.name, ts, units)
-        except StoreError:
-            log.exception("session=%s cannot journal quota usage", msg_id)
-            relay.ledger.release(user.name, units)
-            return finish("error", replies.INTERNAL_ERROR)
+            if user is None or not user.enabled:
+                return finish("rejected", replies.AUTH_DISABLED)
+            try:
+                candidates = relay.candidates(user, sender)
+            except NotFound:
+                candidates = []
+            if not candidates:
+                return finish("deferred", replies.NO_UPSTREAM)
+            try:
+                # Journal first: a crash from here on leaves the message counted.
+                await relay.store.journal_send(user.name, ts, hold.units)
+            except StoreError:
+                log.exception("session=%s cannot journal quota usage", msg_id)
+                return finish("error", replies.INTERNAL_ERROR)
 
-        header_domain = rewrite.from_domain(wire)
+            header_domain = rewrite.from_domain(wire)
 
-        def prepare(u: Upstream) -> tuple[str, bytes, bool]:
-            verdict = rewrite_verdict(u, sender, header_domain)
-            if not verdict.rewrite:
-                return sender, wire, False
-            assert verdict.from_header is not None
-            return verdict.envelope_sender, rewrite.rewrite_from(wire, verdict.from_header), True
+            def prepare(u: Upstream) -> tuple[str, bytes, bool]:
+                verdict = rewrite_verdict(u, sender, header_domain)
+                if not verdict.rewrite:
+                    return sender, wire, False
+                assert verdict.from_header is not None
+                return verdict.envelope_sender, rewrite.rewrite_from(wire, verdict.from_header), True
 
-        cfg = relay.config
-        outcome = await deliver(
-            candidates, rcpts, prepare, relay.record_result, local_hostname=relay.hostname,
-            connect_timeout=cfg.timeouts.connect, command_timeout=cfg.timeouts.command,
-            deadline=cfg.failover.deadline, pool=relay.pool)
-        metrics.DELIVERY_DURATION.observe(time.monotonic() - started)
-        last = outcome.last
-        assert last is not None
-        if last.rewritten and outcome.delivered:
-            metrics.FROM_REWRITES.inc()
-        if outcome.delivered:
-            relay.ledger.commit(user.name, units, ts)
-            return finish("delivered", replies.QUEUED.format(id=msg_id), last.upstream,
+            cfg = relay.config
+            outcome = await deliver(
+                candidates, rcpts, prepare, relay.record_result, local_hostname=relay.hostname,
+                connect_timeout=cfg.timeouts.connect, command_timeout=cfg.timeouts.command,
+                deadline=cfg.failover.deadline, pool=relay.pool)
+            metrics.DELIVERY_DURATION.observe(time.monotonic() - started)
+            last = outcome.last
+            assert last is not None
+            if last.rewritten and outcome.delivered:
+                metrics.FROM_REWRITES.inc()
+            if outcome.delivered:
+                hold.commit(ts)
+                return finish("delivered", replies.QUEUED.format(id=msg_id), last.upstream,
+                              last.rewritten, last.reply)
+            try:
+                await relay.store.journal_send(user.name, ts, -hold.units)
+            except StoreError:
+                # Counted but not sent: errs on the side of the limit, never below it.
+                log.exception("session=%s cannot undo quota usage of a failed message", msg_id)
+            reply = replies.one_line(last.reply)
+            if outcome.permanent:
+                return finish("bounced", replies.DELIVERY_REFUSED.format(reply=reply), last.upstream,
+                              last.rewritten, last.reply)
+            return finish("deferred", replies.DELIVERY_DEFERRED.format(reply=reply), last.upstream,
                           last.rewritten, last.reply)
-        relay.ledger.release(user.name, units)
-        try:
-            await relay.store.journal_send(user.name, ts, -units)
-        except StoreError:
-            # Counted but not sent: errs on the side of the limit, never below it.
-            log.exception("session=%s cannot undo quota usage of a failed message", msg_id)
-        reply = replies.one_line(last.reply)
-        if outcome.permanent:
-            return finish("bounced", replies.DELIVERY_REFUSED.format(reply=reply), last.upstream,
-                          last.rewritten, last.reply)
-        return finish("deferred", replies.DELIVERY_DEFERRED.format(reply=reply), last.upstream,
-                      last.rewritten, last.reply)
+        finally:
+            # Whatever did not commit (refusals, failures, an unexpected
+            # error) gives its units back; after a commit this is a no-op.
+            hold.release()

@@ -142,3 +142,29 @@ async def test_kill_9_during_burst_never_undercounts(tmp_path: Path, sink_factor
     # Never fewer than delivered; more only by the messages that were with
     # the upstream at the kill (at most one per client, 2 recipients each).
     assert received <= counted <= received + 2 * clients, (received, counted)
+
+
+async def test_unexpected_error_during_delivery_gives_the_units_back(
+        relay, sink_factory, provision, monkeypatch):
+    # A bug inside delivery (simulated: the header parser raises) must not
+    # keep the message's reserved units until restart, nor reach the client.
+    sink = await sink_factory()
+    tenant = await provision(relay, hourly=3, upstreams=[sink_upstream(sink)])
+
+    def broken(message: bytes) -> str:
+        raise RuntimeError("simulated bug: secret detail")
+
+    monkeypatch.setattr("relayd.smtp.rewrite.from_domain", broken)
+    client = await smtp_client(relay, tenant)
+    with pytest.raises(aiosmtplib.SMTPDataError) as err:
+        await client.sendmail("app@example.com", ["a@example.net", "b@example.net"],
+                              simple_message())
+    assert err.value.code == 451 and "4.3.0" in err.value.message
+    assert "secret detail" not in err.value.message
+    assert relay.ledger.reserved(tenant.user) == 0
+    monkeypatch.undo()
+    # All three hourly units are still there.
+    await client.sendmail("app@example.com", ["a@example.net", "b@example.net", "c@example.net"],
+                          simple_message())
+    await client.quit()
+    assert len(sink.messages) == 1
