@@ -25,7 +25,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import maillog, metrics, routing
+from . import maillog, metrics, replies, routing
 from .config import Config, Source, server_tls_context
 from .errors import ConfigError, StoreError
 from .maillog import event
@@ -137,12 +137,9 @@ class Relay:
             server.close()
         # Idle sessions (no transaction open) are told and closed now; the
         # others get 421 after their current message (see smtp.py).
-        from . import replies
         for s in list(self.sessions):
             if s.envelope is None or s.envelope.mail_from is None:
-                if s.transport is not None and not s.transport.is_closing():
-                    s.transport.write(replies.SHUTTING_DOWN.encode() + b"\r\n")
-                s.close()
+                s.close(replies.SHUTTING_DOWN)
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         while (self.sessions or self.inflight) and loop.time() < end:
@@ -171,7 +168,6 @@ class Relay:
 
     def admission(self, ip: str) -> str | None:
         """The reply refusing a new connection, or None to let it in."""
-        from . import replies
         limits = self.config.limits
         if self.draining:
             return replies.SHUTTING_DOWN

@@ -174,8 +174,12 @@ class RelaySMTP(SMTP):
             return
         await super()._handle_client()
 
-    def close(self) -> None:
+    def close(self, reply: str | None = None) -> None:
+        """Close the connection; ``reply`` (a 421 said outside the command
+        loop: idle timeout, drain) is written first."""
         if self.transport is not None:
+            if reply and not self.transport.is_closing():
+                self.transport.write(reply.encode() + b"\r\n")
             self.transport.close()
         # Input read but not yet parsed is dropped: once relayd has decided to
         # close (421 after too many errors or a lockout, a bare-LF DATA), no
@@ -187,10 +191,7 @@ class RelaySMTP(SMTP):
             reader._buffer.clear()  # type: ignore[attr-defined]
 
     def _timeout_cb(self) -> None:
-        # RFC 5321 4.5.3.2: say why before closing.
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(replies.TIMEOUT.encode() + b"\r\n")
-        super()._timeout_cb()
+        self.close(replies.TIMEOUT)          # RFC 5321 4.5.3.2: say why before closing
 
     async def push(self, status: str | bytes) -> None:
         text = status if isinstance(status, str) else status.decode("ascii", "replace")

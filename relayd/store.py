@@ -335,7 +335,7 @@ class Store:
             n = await self._write_routing([("DELETE FROM owners WHERE owner_id = ?", (owner_id,))])
             if not n:
                 raise NotFound("owner", owner_id)
-            self._users = {k: v for k, v in self._users.items() if v[0].owner_id != owner_id}
+            await self._load_users()       # the delete cascaded to its SMTP users
 
     # ------------------------------------------------------------ apps
 
@@ -388,7 +388,7 @@ class Store:
             n = await self._write_routing([("DELETE FROM apps WHERE idapp = ?", (idapp,))])
             if not n:
                 raise NotFound("app", idapp)
-            self._users = {k: v for k, v in self._users.items() if v[0].idapp != idapp}
+            await self._load_users()       # the delete cascaded to its SMTP users
 
     async def update_app(self, idapp: str, *, strategy: str | None = None,
                          test_email: str | None = None, name: str | None = None) -> App:
