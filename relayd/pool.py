@@ -115,7 +115,7 @@ class Pool:
             for key, slot in list(self._slots.items()):
                 while slot.idle and slot.idle[0][0] < cutoff:
                     _, client = slot.idle.popleft()
-                    await _quit(client)
+                    await quit_politely(client)
                 if not slot.idle and not slot.busy:
                     del self._slots[key]
 
@@ -124,7 +124,7 @@ class Pool:
             self._sweeper.cancel()
         for slot in self._slots.values():
             while slot.idle:
-                await _quit(slot.idle.pop()[1])
+                await quit_politely(slot.idle.pop()[1])
         self._slots.clear()
 
     def idle_count(self) -> int:
@@ -136,7 +136,8 @@ def _close(client: aiosmtplib.SMTP) -> None:
         client.close()
 
 
-async def _quit(client: aiosmtplib.SMTP) -> None:
+async def quit_politely(client: aiosmtplib.SMTP) -> None:
+    """QUIT, but never wait more than a second for the goodbye."""
     try:
         await asyncio.wait_for(client.quit(), 1.0)
     except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):

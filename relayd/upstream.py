@@ -25,7 +25,7 @@ import aiosmtplib
 from aiosmtplib.protocol import normalize_message_line_endings
 
 from .errors import UpstreamError
-from .pool import Pool
+from .pool import Pool, quit_politely
 from .records import Upstream
 
 log = logging.getLogger("relayd.upstream")
@@ -204,17 +204,10 @@ async def send_once(u: Upstream, sender: str, recipients: Sequence[str], message
             if pool is not None:
                 (pool.release if keep else pool.discard)(u, client)
             elif keep:
-                await _quit(client)
+                await quit_politely(client)
             else:
                 client.close()
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-async def _quit(client: aiosmtplib.SMTP) -> None:
-    try:
-        await asyncio.wait_for(client.quit(), 1.0)
-    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
-        client.close()
 
 
 # 5xx replies that speak of the upstream's setup, not of the message: TLS or
