@@ -8,8 +8,9 @@ Failures are classified here, at the boundary (STYLE 3, chasquid's courier):
   upstream would refuse the message too (SPEC 3.7-3.8).
 
 Recipients are all-or-nothing: if an upstream refuses any recipient, the
-transaction is reset before DATA and the attempt fails with that reply, so a
-250 to our client always means every recipient was accepted upstream.
+transaction is abandoned before DATA (the connection is RSET before its next
+use, or closed) and the attempt fails with that reply, so a 250 to our
+client always means every recipient was accepted upstream.
 """
 
 from __future__ import annotations
