@@ -19,7 +19,12 @@ moves bytes between the socket and an ``h11.Connection`` and enforces bounds:
   duplicates and lets Transfer-Encoding override Content-Length, so both of
   those are refused here (400 and close);
 * at most ``MAX_CONNECTIONS`` connections per listener; beyond that new ones
-  are closed at once.
+  are closed at once;
+* on TCP (``admin.listen``, ``metrics.listen``) also ``MAX_PER_ADDRESS``
+  per client address (IPv6: per /64), and a first request head is due
+  ``TCP_FIRST_HEAD_TIMEOUT`` after the accept: one address's slow heads can
+  neither fill a listener nor hold slots long. Not on the trusted Unix socket;
+* a JSON string that is not valid Unicode (a lone surrogate) is a 400.
 
 Requests are handled one at a time per connection (h11 pipelines by
 buffering). A handler returns a ``Response`` or raises ``ApiError``; any
@@ -37,7 +42,9 @@ by the dialect owning the path's prefix.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -62,6 +69,10 @@ BODY_TIMEOUT = 30.0           # seconds for a whole body once the head arrived
 IDLE_TIMEOUT = 60.0           # keep-alive: seconds between requests
 WRITE_TIMEOUT = 30.0          # a client that does not read its answer is dropped
 MAX_CONNECTIONS = 256         # per listener; tenants on TCP must not exhaust fds
+# TCP only: one client address may not take the listener for itself (the
+# slow-head bound above frees a slot only after HEADER_TIMEOUT).
+MAX_PER_ADDRESS = 16
+TCP_FIRST_HEAD_TIMEOUT = 3.0  # seconds from accept to a whole first head (TCP)
 MAX_FIELDS = 200              # query/form fields per request (urllib's own DoS guard)
 READ_CHUNK = 64 * 1024
 LINGER_TIMEOUT = 2.0          # after a refusal: how long to discard what still arrives
@@ -171,6 +182,18 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _is_unicode(obj: Any) -> bool:
+    """Whether every string (keys too) encodes as UTF-8. JSON's "\\ud800"
+    yields a lone surrogate, which SQLite and hashing refuse with an exception
+    (a 500): checked here, once, for every dialect. Query, form, path (strict
+    UTF-8) and headers (Latin-1) never hold one."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass
 class Request:
     method: str
@@ -217,6 +240,9 @@ class Request:
             raise ApiError(400, "invalid JSON body") from None
         if not isinstance(obj, dict):
             raise ApiError(400, "the JSON body must be an object")
+        if not _is_unicode(obj):
+            raise ApiError(400, "invalid JSON body: a string holds a lone surrogate "
+                                "(not valid Unicode)")
         return obj, False
 
     def params(self) -> Params:
@@ -357,7 +383,11 @@ class _Connection:
         conn = self.h11
         raw_head = bytearray(conn.trailing_data[0])
         started = bool(raw_head)
-        deadline = self.loop.time() + (HEADER_TIMEOUT if first or started else IDLE_TIMEOUT)
+        # TCP: the first head is due TCP_FIRST_HEAD_TIMEOUT after the accept,
+        # however slowly its bytes trickle in (no fresh start at the first one).
+        fixed = first and not self.server.trusted
+        deadline = self.loop.time() + (TCP_FIRST_HEAD_TIMEOUT if fixed else HEADER_TIMEOUT
+                                       if first or started else IDLE_TIMEOUT)
         event: Any = None
         head: h11.Request | None = None
         path: str | None = None
@@ -379,7 +409,8 @@ class _Connection:
                     return None
                 if not started and data:
                     started = True
-                    deadline = self.loop.time() + HEADER_TIMEOUT
+                    if not fixed:
+                        deadline = self.loop.time() + HEADER_TIMEOUT
                 if conn.their_state is h11.IDLE:
                     # Bounded: h11 refuses an incomplete head past MAX_HEAD.
                     raw_head += data
@@ -490,6 +521,18 @@ _PROTOCOL_MESSAGES = {
 }
 
 
+def _address_key(writer: asyncio.StreamWriter) -> str:
+    """What MAX_PER_ADDRESS counts for a TCP peer: its IP address, or for
+    IPv6 its /64 (one host commonly holds a whole /64)."""
+    peer = writer.get_extra_info("peername")
+    if not isinstance(peer, tuple):
+        return ""
+    ip = ipaddress.ip_address(peer[0].partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ip.ipv4_mapped) if ip.ipv4_mapped else ip.exploded[:19]
+    return str(ip)
+
+
 class HttpServer(asyncio.AbstractServer):
     """One listener (Unix or TCP) serving ``router``. Closing it also closes
     the connections it accepted, so that a stopped relayd leaves no handler
@@ -501,6 +544,7 @@ class HttpServer(asyncio.AbstractServer):
         self.name = name
         self.server: asyncio.AbstractServer | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._per_address: collections.Counter[str] = collections.Counter()
         self._unix: tuple[str, int] | None = None     # (path, inode) of our socket file
 
     async def start_unix(self, path: str) -> None:
@@ -529,16 +573,22 @@ class HttpServer(asyncio.AbstractServer):
         return tuple(self.server.sockets) if self.server else ()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._writers) >= MAX_CONNECTIONS or not self.is_serving():
+        key = "" if self.trusted else _address_key(writer)     # "": not bounded
+        if (len(self._writers) >= MAX_CONNECTIONS or not self.is_serving()
+                or (key and self._per_address[key] >= MAX_PER_ADDRESS)):
             writer.close()
             return
         self._writers.add(writer)
+        self._per_address[key] += 1
         try:
             await _Connection(self, reader, writer).run()
         except Exception:
             log.exception("%s connection failed", self.name)
         finally:
             self._writers.discard(writer)
+            self._per_address[key] -= 1
+            if not self._per_address[key]:
+                del self._per_address[key]
             writer.close()
 
     def close(self) -> None:
