@@ -1,0 +1,7 @@
+"""``python -m relayd.ctl``: relayctl without the console script."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
