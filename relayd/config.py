@@ -147,11 +147,27 @@ class AuthFailures(Strict):
     window: Seconds = 600
 
 
+# RFC 5321 4.5.3.2.6: a client waits 10 minutes for the reply to its final
+# dot. A delivery that runs longer is answered to nobody, and the client
+# sends the message again: a duplicate once the first attempt succeeds.
+CLIENT_DATA_PATIENCE = 600
+
+
 class Failover(Strict):
     max_errors: PositiveInt = 5
     cooldown: Annotated[float, Field(ge=0)] = 300
     max_attempts: PositiveInt = 3
-    deadline: Seconds = 60
+    deadline: Seconds = 60          # bounds a whole delivery, all attempts together
+
+    @field_validator("deadline")
+    @classmethod
+    def _within_client_patience(cls, v: float) -> float:
+        if v >= CLIENT_DATA_PATIENCE:
+            raise ValueError(
+                f"must be below {CLIENT_DATA_PATIENCE} s: clients stop waiting for the "
+                "reply to DATA after 10 minutes (RFC 5321 4.5.3.2.6) and send the "
+                "message again")
+        return v
 
 
 class Timeouts(Strict):
@@ -159,6 +175,7 @@ class Timeouts(Strict):
     command: Seconds = 30     # each upstream reply
     session: Seconds = 300    # idle client (RFC 5321 4.5.3.2.7 says 5 minutes)
     data: Seconds = 600       # a whole DATA phase, however slowly the client sends
+    tls_handshake: Seconds = 10  # a client's TLS handshake, implicit or after STARTTLS (SPEC 9)
 
 
 def _no_crlf(v: str | None) -> str | None:

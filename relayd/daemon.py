@@ -25,7 +25,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import maillog, metrics, replies, routing
+from . import maillog, metrics, replies, routing, storewatch
 from .config import Config, Source, server_tls_context
 from .errors import ConfigError, StoreError
 from .maillog import event
@@ -70,6 +70,8 @@ class Relay:
         self.per_ip: collections.Counter[str] = collections.Counter()
         self.inflight: set[asyncio.Future[Any]] = set()
         self.draining = False
+        # Why the store cannot take records (storewatch.py), or None: MAIL 451, /healthz 503.
+        self.store_problem: str | None = None
         self.smtp_servers: list[tuple[Any, asyncio.AbstractServer]] = []
         self.other_servers: list[asyncio.AbstractServer] = []
         self._tasks: list[asyncio.Task[Any]] = []
@@ -94,8 +96,9 @@ class Relay:
         for lst in self.config.listen:
             server = await loop.create_server(
                 lambda lst=lst: RelaySMTP(self, lst.tls, lst.auth_require_tls),
-                lst.host, lst.port, reuse_address=True,
-                ssl=self.server_tls if lst.tls == "implicit" else None)
+                # implicit TLS too is accepted plain: RelaySMTP counts the
+                # connection, then runs and bounds the handshake (admission.py)
+                lst.host, lst.port, reuse_address=True)
             self.smtp_servers.append((lst, server))
             event(log, logging.INFO, "listening", service="smtp", address=lst.address,
                   tls=lst.tls, port=self.port_of(server))
@@ -108,6 +111,7 @@ class Relay:
             event(log, logging.INFO, "listening", service="metrics",
                   address=self.config.metrics.listen, port=self.metrics_port)
         self._tasks.append(asyncio.create_task(self._prune_loop()))
+        self._tasks.append(asyncio.create_task(storewatch.watch(self)))
 
     @staticmethod
     def port_of(server: asyncio.AbstractServer) -> int:
@@ -178,15 +182,19 @@ class Relay:
             return replies.TOO_MANY_SESSIONS
         return None
 
+    # SPEC 9: a connection is counted from accept (a TLS handshake in
+    # progress included) to close; see admission.py.
     def session_opened(self, s: RelaySMTP) -> None:
+        assert s.client_ip is not None
         self.sessions.add(s)
-        self.per_ip[s.session.ip] += 1
+        self.per_ip[s.client_ip] += 1
         metrics.SESSIONS_ACTIVE.inc()
 
     def session_closed(self, s: RelaySMTP) -> None:
         if s in self.sessions:
+            assert s.client_ip is not None
             self.sessions.discard(s)
-            ip = s.session.ip
+            ip = s.client_ip
             self.per_ip[ip] -= 1
             if self.per_ip[ip] <= 0:
                 del self.per_ip[ip]

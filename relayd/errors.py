@@ -37,10 +37,22 @@ class NotFound(RelaydError):
 
 class UpstreamError(RelaydError):
     """One upstream attempt failed. ``permanent`` is True only for a 5xx reply
-    (SPEC 3.7-3.8): the next upstream would refuse the message too."""
+    (SPEC 3.7-3.8): the next upstream would refuse the message too.
+    ``unconfirmed``: the upstream had the whole message and then dropped the
+    connection or did not reply; it may have delivered it (SPEC 3.8)."""
 
-    def __init__(self, reply: str, *, permanent: bool = False, code: int | None = None):
+    def __init__(self, reply: str, *, permanent: bool = False, code: int | None = None,
+                 unconfirmed: bool = False):
         self.reply = reply
         self.permanent = permanent
         self.code = code
+        self.unconfirmed = unconfirmed
         super().__init__(reply)
+
+
+class HeaderTooLarge(RelaydError):
+    """A message's header section is longer than relayd inspects (rewrite.py)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        super().__init__(f"header section longer than {limit} bytes")

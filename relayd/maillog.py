@@ -8,8 +8,9 @@ greppable like Postfix's maillog. The per-message line has stable keys:
     result=delivered reply="250 ok" duration=0.012
 
 Secrets never reach a log line: nothing here is given a password or a token,
-and the libraries that would log them (aiosmtpd's protocol logger: raw AUTH
-lines; aiosqlite: SQL parameters) are capped at WARNING whatever log_level.
+and the libraries that would log them are capped whatever log_level:
+aiosmtpd's protocol logger (client lines) at ERROR, aiosqlite (SQL
+parameters) at WARNING.
 """
 
 from __future__ import annotations
@@ -73,10 +74,15 @@ def setup(level: str) -> None:
 
 def set_level(level: str) -> None:
     logging.getLogger().setLevel(LEVELS[level])
-    # aiosmtpd logs every command line (including AUTH blobs) at INFO/DEBUG,
-    # and aiosqlite every SQL statement with its parameters (upstream
-    # passwords) at DEBUG: neither may follow the root level down.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # aiosmtpd puts client input in its records at every level below ERROR:
+    # command lines at INFO/DEBUG (AUTH blobs included, unless the client
+    # writes "auth" in lower case), replies echoing them at DEBUG, and an
+    # unknown command's first word at WARNING ("unrecognised") -- which, after
+    # the 538 to an AUTH LOGIN before STARTTLS, is the client's base64 user
+    # name and password. relayd logs what it needs itself, by session id.
+    # aiosqlite logs every SQL statement with its parameters (upstream
+    # passwords) at DEBUG. Neither may follow the root level down.
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
     logging.getLogger("aiosqlite").setLevel(logging.WARNING)
 
 

@@ -15,7 +15,7 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 MESSAGES = Counter(
     "relayd_messages", "Messages at the end of DATA, by result "
-    "(delivered, deferred, bounced, rejected, error).", ["result"], registry=REGISTRY)
+    "(delivered, deferred, unconfirmed, bounced, rejected, error).", ["result"], registry=REGISTRY)
 RECIPIENTS = Counter(
     "relayd_recipients", "RCPT commands by result (accepted, hourly_limit, total_limit, "
     "too_many, disabled, invalid).", ["result"], registry=REGISTRY)
@@ -64,7 +64,7 @@ FROM_REWRITES = Counter(
     "relayd_from_rewrites", "Messages whose sender was rewritten to an upstream's default.",
     registry=REGISTRY)
 
-for _result in ("delivered", "deferred", "bounced", "rejected", "error"):
+for _result in ("delivered", "deferred", "unconfirmed", "bounced", "rejected", "error"):
     MESSAGES.labels(_result)
 for _result in ("success", "failure", "disabled", "locked_out"):
     AUTH_ATTEMPTS.labels(_result)

@@ -66,16 +66,17 @@ class Pool:
             slot = self._slots[key] = _Slot(asyncio.Semaphore(self.max_per_key))
         return slot
 
-    async def acquire(self, u: Upstream, open_new: Callable[[], Awaitable[aiosmtplib.SMTP]]
-                      ) -> tuple[aiosmtplib.SMTP, bool]:
-        """A connection for ``u`` and whether it was reused from the pool.
-        The caller must hand it back with ``release`` (or ``discard``)."""
+    async def acquire(self, u: Upstream, open_new: Callable[[], Awaitable[aiosmtplib.SMTP]],
+                      *, fresh: bool = False) -> tuple[aiosmtplib.SMTP, bool]:
+        """A connection for ``u`` and whether it was reused from the pool
+        (``fresh``: always a new one). The caller must hand it back with
+        ``release`` (or ``discard``)."""
         slot = self._slot(key_of(u))
         await slot.limit.acquire()
         slot.busy += 1
         try:
             now = time.monotonic()
-            while slot.idle:
+            while slot.idle and not fresh:
                 since, client = slot.idle.pop()          # most recently used first
                 if client.is_connected and now - since < self.idle_timeout:
                     return client, True
@@ -103,6 +104,13 @@ class Pool:
         """Give back a connection that must not be reused."""
         self._give_back(self._slot(key_of(u)))
         _close(client)
+
+    def drop_idle(self, u: Upstream) -> None:
+        """Close every idle connection to ``u``: one proved stale (the
+        upstream restarted or dropped its idle clients), so are the others."""
+        slot = self._slots.get(key_of(u))
+        while slot is not None and slot.idle:
+            _close(slot.idle.pop()[1])
 
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None or self._sweeper.done():

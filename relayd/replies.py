@@ -47,6 +47,12 @@ START_DATA = "354 End data with <CR><LF>.<CR><LF>"
 QUEUED = "250 2.0.0 Ok: queued as {id}"
 DELIVERY_DEFERRED = "451 4.4.1 Delivery failed temporarily: {reply}"
 DELIVERY_REFUSED = "554 5.0.0 Upstream refused the message: {reply}"
+# SPEC 3.8: the upstream had the whole message, then dropped the connection
+# or did not answer; relayd does not fail over (that would duplicate it).
+DELIVERY_UNCONFIRMED = ("451 4.4.2 Delivery unconfirmed, the message may have been "
+                        "delivered: {reply}")
+# rewrite.MAX_HEADER: a header section relayd will not read to its end.
+HEADER_TOO_BIG = "552 5.3.4 Message header exceeds fixed maximum size"
 # Postfix's smtpd_forbid_bare_newline answer to "DATA<LF>" (then disconnect).
 BARE_LF = "500 5.5.2 Error: bare <LF> received"
 
@@ -58,6 +64,8 @@ TOO_MANY_SESSIONS = "421 4.7.0 Too many connections, try again later"
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
 DATA_TIMEOUT = "421 4.4.2 DATA took too long, closing connection"
+# SPEC 9: the database is gone, replaced or unwritable (storewatch.py).
+STORE_UNAVAILABLE = "451 4.3.0 Mail system temporarily unavailable, try again later"
 
 
 _NOT_TEXT = re.compile(r"[^\x20-\x7e]")

@@ -23,6 +23,9 @@ with the reason next to it:
   unknown command names raw; upstream replies may be 8-bit); AUTH answers
   are read with a bound (500 5.5.6); once relayd closes a session, nothing
   the client pipelined behind the last reply runs.
+* A connection holds its admission slot from accept to close, TLS
+  handshakes included and bounded; EOF closes it (aiosmtpd kept it
+  half-open); a failed handshake is a log line, not an error (admission.py).
 """
 
 from __future__ import annotations
@@ -36,15 +39,15 @@ import time
 from base64 import b64decode, b64encode
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, TLSSetupException
 from aiosmtpd.smtp import Session as _Session
 
-from . import metrics, replies, rewrite
-from .errors import NotFound, StoreError
-from .maillog import event, message_line
-from .policy import Hold, Verdict, rewrite_verdict
-from .records import Upstream
-from .upstream import deliver, unstuff
+from . import admission, delivery, metrics, replies
+from .errors import NotFound
+from .maillog import event
+from .policy import Verdict
+from .records import SmtpUser
+from .upstream import unstuff
 
 if TYPE_CHECKING:
     from .daemon import Relay
@@ -75,6 +78,7 @@ class Session(_Session):
         super().__init__(loop)
         self.id = secrets.token_hex(5).upper()
         self.user: str | None = None      # SMTP user name once authenticated
+        self.auth_stamp: str | None = None  # its password's stamp at AUTH (SPEC 3.3)
         self.reserved = 0                 # quota units held by this envelope's RCPTs
         self.messages = 0
         self.errors = 0
@@ -99,7 +103,12 @@ class RelaySMTP(SMTP):
         # answer (see challenge_auth; relayd's own credentials are under 200
         # bytes of base64). aiosmtpd reads it in its __init__.
         self.line_length_limit = cfg.limits.max_line_length
-        self._counted = False
+        self._counted = False                 # holds an admission slot (admission.py)
+        self._tls = tls
+        self.client_ip: str | None = None     # set at accept
+        self._refusal: str | None = None      # admission's verdict at accept
+        self._raw: asyncio.BaseTransport | None = None   # implicit TLS: the TCP transport
+        self._tls_started: float | None = None  # loop time a STARTTLS handshake began
         super().__init__(
             RelayHandler(relay),
             data_size_limit=None,           # SIZE advertised and enforced by us (552 5.3.4)
@@ -153,23 +162,52 @@ class RelaySMTP(SMTP):
     # -- connection accounting, admission and lockout
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        first = not self._counted
-        super().connection_made(transport)
-        if first:
-            self._counted = True
-            self.relay.session_opened(self)
+        if self.client_ip is not None:     # the TLS layer's, its handshake done
+            self._tls_started = None
+            super().connection_made(transport)
+            return
+        # SPEC 9: the slot is taken and admission decided at accept, before
+        # a byte is exchanged; a TLS handshake in progress holds a slot too.
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if isinstance(peer, tuple) else str(peer)
+        self._counted = True
+        self.relay.session_opened(self)
+        self._refusal = self.relay.admission(self.client_ip)
+        if self._tls != "implicit":
+            super().connection_made(transport)
+        elif self._refusal == replies.TOO_MANY_SESSIONS:
+            transport.abort()                # nothing can be said before the handshake
+        else:                                # a lockout or drain 421 comes after it
+            self._raw = transport
+            admission.start_implicit_tls(self, transport)  # type: ignore[arg-type]
 
-    def connection_lost(self, error: Exception | None) -> None:
+    def release(self) -> None:
+        """Give back the admission slot and the quota units held, once."""
         if self._counted:
             self._counted = False
             self.event_handler.release(self.session)
             self.relay.session_closed(self)
-        super().connection_lost(error)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.release()
+        if self.session is not None:         # else refused before its TLS handshake
+            super().connection_lost(error)
+
+    def eof_received(self) -> bool:
+        # aiosmtpd cancels the command loop on EOF but keeps the connection
+        # half-open. On uvloop a connect-and-close delivers the EOF before
+        # that loop's first step (connection_made and the first read happen
+        # in one loop iteration), so the cancelled loop never ran its
+        # close and the connection held its slot until timeouts.session:
+        # 50 health checks locked an address out (SPEC 9). SMTP has no use
+        # for a half-closed client: close now (connection_lost frees it).
+        if self.session is not None:
+            super().eof_received()
+        return False
 
     async def _handle_client(self) -> None:
-        refusal = self.relay.admission(self.session.ip)
-        if refusal:
-            await self.push(refusal)
+        if self._refusal:
+            await self.push(self._refusal)
             self.close()
             return
         await super()._handle_client()
@@ -177,6 +215,8 @@ class RelaySMTP(SMTP):
     def close(self, reply: str | None = None) -> None:
         """Close the connection; ``reply`` (a 421 said outside the command
         loop: idle timeout, drain) is written first."""
+        if self.session is None and self._raw is not None:
+            self._raw.abort()                # drain: implicit TLS still negotiating
         if self.transport is not None:
             if reply and not self.transport.is_closing():
                 self.transport.write(reply.encode() + b"\r\n")
@@ -191,6 +231,12 @@ class RelaySMTP(SMTP):
             reader._buffer.clear()  # type: ignore[attr-defined]
 
     def _timeout_cb(self) -> None:
+        if getattr(self, "_delivering", False):
+            # SPEC 3.8: a client waiting for its DATA reply is not idle; a
+            # 421 now, with the message then delivered, would make it send
+            # the message again. The delivery is bounded by failover.deadline.
+            self._reset_timeout()
+            return
         self.close(replies.TIMEOUT)          # RFC 5321 4.5.3.2: say why before closing
 
     async def push(self, status: str | bytes) -> None:
@@ -261,7 +307,30 @@ class RelaySMTP(SMTP):
             await self.push(replies.AUTH_BAD_BASE64)
             return MISSING
 
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        """aiosmtpd's, bounded by timeouts.tls_handshake (SPEC 9) instead of
+        the idle timer. asyncio's SSLProtocol wakes aiosmtpd's waiter without
+        an error when the connection closes mid-handshake (the client, or
+        that timer); the command loop then waited on a dead transport for
+        good, slot held. A handshake that did not finish is a failure."""
+        if arg or not self.tls_context:
+            await super().smtp_STARTTLS(arg)     # 501 / 454
+            return
+        self._tls_started = self.loop.time()
+        self._reset_timeout(self.relay.config.timeouts.tls_handshake)
+        await super().smtp_STARTTLS(arg)
+        if self._tls_started is not None:        # connection_made(tls) never came
+            raise TLSSetupException()
+
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # A client's failed handshake is cheap input, not relayd's error:
+            # one line without traceback. aiosmtpd then closes (no reply).
+            started = self._tls_started or self.loop.time()
+            limit = self.relay.config.timeouts.tls_handshake
+            admission.tls_failed(self, "starttls", error.__cause__,
+                                 self.loop.time() - started >= limit)
+            return replies.INTERNAL_ERROR
         # STYLE 5: the exception goes to the log with the session id (the
         # handler's hook could not name the session), never to the client.
         session = getattr(self.session, "id", "-")
@@ -300,8 +369,15 @@ class RelaySMTP(SMTP):
             await self.push(replies.MESSAGE_TOO_BIG)
             return
         self.session.messages += 1
-        status = await handler.deliver(self, self.session, self.envelope, wire)
-        self._set_post_data_state()
+        self._delivering = True
+        try:
+            status = await handler.deliver(self, self.session, self.envelope, wire)
+        finally:
+            # Any reply to DATA, an internal error's included, ends the mail
+            # transaction (RFC 5321 4.1.4, SPEC 3.8): a second DATA on this
+            # envelope would deliver it without its quota units.
+            self._delivering = False
+            self._set_post_data_state()
         await self.push(status)
         if self.relay.draining:
             await self.push(replies.SHUTTING_DOWN)
@@ -437,9 +513,20 @@ class RelayHandler:
             return AuthResult(success=False, handled=False, message=replies.AUTH_DISABLED)
         metrics.AUTH_ATTEMPTS.labels("success").inc()
         session.user = user.name
+        session.auth_stamp = relay.store.credential_stamp(user.name)
         return AuthResult(success=True, auth_data=user.name, message=replies.AUTH_OK)
 
     # -- envelope
+
+    def _current_user(self, session: Session) -> SmtpUser | None:
+        """The session's user as the store has it now; None once it was
+        removed or its password reset since this session's AUTH (SPEC 3.3:
+        535 at the next MAIL or RCPT)."""
+        store = self.relay.store
+        user = store.get_user(session.user or "")
+        if user is None or store.credential_stamp(user.name) != session.auth_stamp:
+            return None
+        return user
 
     def release(self, session: Session | None) -> None:
         """Give back the quota units this session's RCPTs reserved."""
@@ -461,13 +548,15 @@ class RelayHandler:
         if relay.draining:
             server.loop.call_soon(server.close)   # after the reply is written
             return replies.SHUTTING_DOWN
+        if relay.store_problem is not None:      # SPEC 9: no mail into a lost store
+            return replies.STORE_UNAVAILABLE
         if _bad_address(address):
             return replies.BAD_SENDER_ADDRESS
         for opt in mail_options:
             key, _, value = opt.partition("=")
             if key == "SIZE" and value.isdigit() and int(value) > relay.config.limits.max_message_size:
                 return replies.MESSAGE_TOO_BIG
-        user = relay.store.get_user(session.user or "")
+        user = self._current_user(session)
         if user is None:
             return replies.AUTH_INVALID
         if not user.enabled:
@@ -490,7 +579,7 @@ class RelayHandler:
         if len(envelope.rcpt_tos) >= relay.config.limits.max_recipients:
             metrics.RECIPIENTS.labels("too_many").inc()
             return replies.TOO_MANY_RCPTS
-        user = relay.store.get_user(session.user or "")
+        user = self._current_user(session)
         if user is None:
             return replies.AUTH_INVALID
         verdict = relay.ledger.reserve(user, time.time())
@@ -512,87 +601,7 @@ class RelayHandler:
         # From here the delivery owns the reservation: a disconnect must not
         # release units for a message an upstream may be accepting.
         units, session.reserved = session.reserved, 0
-        task = asyncio.ensure_future(self._deliver(session, envelope, wire, units))
+        task = asyncio.ensure_future(delivery.deliver(self.relay, session, envelope, wire, units))
         self.relay.inflight.add(task)
         task.add_done_callback(self.relay.inflight.discard)
         return await asyncio.shield(task)
-
-    async def _deliver(self, session: Session, envelope: Envelope, wire: bytes,
-                       units: int) -> str:
-        # ``wire``: the message as received after DATA, still dot-stuffed.
-        relay = self.relay
-        started = time.monotonic()
-        sender = envelope.mail_from or ""
-        rcpts = list(envelope.rcpt_tos)
-        msg_id = session.message_id()
-        fields: dict[str, Any] = dict(
-            session=msg_id, user=session.user, client=session.ip, **{"from": sender},
-            rcpts=len(rcpts), size=len(wire))
-        user = relay.store.get_user(session.user or "")
-        ts = time.time()
-        hold = Hold(relay.ledger, session.user or "", units)
-
-        def finish(result: str, reply: str, outcome_upstream: Upstream | None = None,
-                   rewritten: bool = False, upstream_reply: str = "") -> str:
-            metrics.MESSAGES.labels(result).inc()
-            message_line(**fields, upstream=outcome_upstream.idsmtp if outcome_upstream else "",
-                         upstream_host=outcome_upstream.host if outcome_upstream else "",
-                         rewrite="yes" if rewritten else "no", result=result,
-                         reply=upstream_reply or reply,
-                         duration=round(time.monotonic() - started, 3))
-            return reply
-
-        try:
-            if user is None or not user.enabled:
-                return finish("rejected", replies.AUTH_DISABLED)
-            try:
-                candidates = relay.candidates(user, sender)
-            except NotFound:
-                candidates = []
-            if not candidates:
-                return finish("deferred", replies.NO_UPSTREAM)
-            try:
-                # Journal first: a crash from here on leaves the message counted.
-                await relay.store.journal_send(user.name, ts, hold.units)
-            except StoreError:
-                log.exception("session=%s cannot journal quota usage", msg_id)
-                return finish("error", replies.INTERNAL_ERROR)
-
-            header_domain = rewrite.from_domain(wire)
-
-            def prepare(u: Upstream) -> tuple[str, bytes, bool]:
-                verdict = rewrite_verdict(u, sender, header_domain)
-                if not verdict.rewrite:
-                    return sender, wire, False
-                assert verdict.from_header is not None
-                return verdict.envelope_sender, rewrite.rewrite_from(wire, verdict.from_header), True
-
-            cfg = relay.config
-            outcome = await deliver(
-                candidates, rcpts, prepare, relay.record_result, local_hostname=relay.hostname,
-                connect_timeout=cfg.timeouts.connect, command_timeout=cfg.timeouts.command,
-                deadline=cfg.failover.deadline, pool=relay.pool)
-            metrics.DELIVERY_DURATION.observe(time.monotonic() - started)
-            last = outcome.last
-            assert last is not None
-            if last.rewritten and outcome.delivered:
-                metrics.FROM_REWRITES.inc()
-            if outcome.delivered:
-                hold.commit(ts)
-                return finish("delivered", replies.QUEUED.format(id=msg_id), last.upstream,
-                              last.rewritten, last.reply)
-            try:
-                await relay.store.journal_send(user.name, ts, -hold.units)
-            except StoreError:
-                # Counted but not sent: errs on the side of the limit, never below it.
-                log.exception("session=%s cannot undo quota usage of a failed message", msg_id)
-            reply = replies.one_line(last.reply)
-            if outcome.permanent:
-                return finish("bounced", replies.DELIVERY_REFUSED.format(reply=reply), last.upstream,
-                              last.rewritten, last.reply)
-            return finish("deferred", replies.DELIVERY_DEFERRED.format(reply=reply), last.upstream,
-                          last.rewritten, last.reply)
-        finally:
-            # Whatever did not commit (refusals, failures, an unexpected
-            # error) gives its units back; after a commit this is a no-op.
-            hold.release()

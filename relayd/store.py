@@ -26,6 +26,9 @@ Theory of operation
   still atomic with its trigger), and each caller resumes only once its
   entry is on disk. Under load that is one database round trip for many
   messages instead of one each.
+* ``lost()`` and ``unwritable()`` are the store watch's probes
+  (storewatch.py, SPEC 9): the open file's (st_dev, st_ino) is recorded at
+  open, so a path that names another file, or none, is noticed.
 * Everything read on the hot path (SMTP users on every MAIL/RCPT; owners,
   apps, upstreams and domain settings for routing) is served from memory.
   This process is the only writer, and every write here refreshes the
@@ -173,6 +176,7 @@ class Store:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         self._db: aiosqlite.Connection | None = None
+        self._identity: tuple[int, int] | None = None     # (st_dev, st_ino) of the open file
         self._lock = asyncio.Lock()
         self._users: dict[str, tuple[SmtpUser, str]] = {}   # name -> (user, password digest)
         # The routing view (see the module docstring).
@@ -191,6 +195,8 @@ class Store:
         create_private_file(self.path)
         # SQLite gives -wal/-shm the database file's mode (0600).
         self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
         self._db.row_factory = sqlite3.Row
         await self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: durable across process crashes (kill -9); a power
@@ -284,6 +290,28 @@ class Store:
         """Online, consistent copy (VACUUM INTO) while relayd runs."""
         async with self._lock:
             await self.db.execute("VACUUM INTO ?", (dest,))
+
+    def lost(self) -> str | None:
+        """Why the path no longer names the file this store has open, or
+        None. (Another stat error, e.g. EACCES, is left to unwritable().)"""
+        try:
+            st = os.stat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return "database file removed"
+        except OSError:
+            return None
+        return None if (st.st_dev, st.st_ino) == self._identity else "database file replaced"
+
+    async def unwritable(self) -> str | None:
+        """Why a write transaction cannot start (read-only file or file
+        system, query_only), or None. The statement takes the write lock and
+        changes nothing, so the WAL does not grow."""
+        async with self._lock:
+            try:
+                await self.db.execute("UPDATE owners SET plan = plan WHERE 0")
+            except (sqlite3.Error, StoreError) as exc:
+                return f"database not writable: {exc}"
+        return None
 
     # ------------------------------------------------------------ owners
 
@@ -454,6 +482,12 @@ class Store:
         entry = self._users.get(name)
         ok = secret_matches(password, entry[1] if entry else None)
         return entry[0] if ok and entry else None
+
+    def credential_stamp(self, name: str) -> str | None:
+        """What identifies the user's current password (its digest): a
+        session authenticated under another one is stale (SPEC 3.3)."""
+        entry = self._users.get(name)
+        return entry[1] if entry else None
 
     async def list_users(self, owner_id: str) -> list[SmtpUser]:
         return sorted((u for u, _ in self._users.values() if u.owner_id == owner_id),

@@ -11,6 +11,12 @@ Recipients are all-or-nothing: if an upstream refuses any recipient, the
 transaction is abandoned before DATA (the connection is RSET before its next
 use, or closed) and the attempt fails with that reply, so a 250 to our
 client always means every recipient was accepted upstream.
+
+No failover after the final dot (SPEC 3.8): once an upstream has the whole
+message, a dropped connection or a missing reply leaves it unknown whether
+the message was delivered; sending it elsewhere would make a duplicate
+certain. Such an attempt is *unconfirmed*: its error is counted and the
+delivery stops there.
 """
 
 from __future__ import annotations
@@ -91,7 +97,16 @@ def unstuff(wire: bytes) -> bytes:
     return wire[1:] if wire.startswith(b"..") else wire
 
 
-async def _data(client: aiosmtplib.SMTP, chunks: tuple[bytes, ...]) -> aiosmtplib.SMTPResponse:
+@dataclass
+class Progress:
+    """How far one attempt got: ``dot`` once the whole message, final dot
+    included, has been written to the upstream."""
+
+    dot: bool = False
+
+
+async def _data(client: aiosmtplib.SMTP, chunks: tuple[bytes, ...],
+                progress: Progress) -> aiosmtplib.SMTPResponse:
     """DATA with a payload already in wire form (see wire_data), written as
     is. aiosmtplib's data() would normalise and stuff it again, line by line
     with regexes: the largest CPU cost of relaying a big message. This uses
@@ -108,6 +123,7 @@ async def _data(client: aiosmtplib.SMTP, chunks: tuple[bytes, ...]) -> aiosmtpli
         protocol._response_pending = True
         for chunk in chunks:
             protocol.write(chunk)
+        progress.dot = True
         response = await protocol.read_response(timeout=client.timeout)
     if response.code != 250:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
@@ -139,6 +155,27 @@ async def _open(u: Upstream, local_hostname: str, connect_timeout: float,
         raise
 
 
+def _in_step(client: aiosmtplib.SMTP) -> bool:
+    """Whether the connection's replies are still in step with our commands.
+    An upstream that sent more reply lines than asked for (an unsolicited
+    line in the same segment as a real reply) leaves them buffered in the
+    protocol, and every later command on that connection would read the
+    previous one's reply ("451 ... 250 ok"). aiosmtplib drops unsolicited
+    data that arrives between commands but offers no public view of what
+    is left over, hence the look at its buffer; without one, the connection
+    is treated as out of step and never reused."""
+    return not getattr(client.protocol, "_buffer", b"?")
+
+
+def _unconfirmed(exc: BaseException, command_timeout: float) -> UpstreamError:
+    """The upstream had the whole message and then went away or silent."""
+    if isinstance(exc, aiosmtplib.SMTPTimeoutError):
+        what = f"no reply within {command_timeout:g} s after the message was sent"
+    else:
+        what = "connection lost after the message was sent"
+    return UpstreamError(what, unconfirmed=True)
+
+
 def _connection_error(exc: BaseException) -> UpstreamError:
     """Classify a failure that is not an SMTP reply: always transient."""
     if isinstance(exc, aiosmtplib.SMTPTimeoutError):
@@ -154,20 +191,26 @@ def _connection_error(exc: BaseException) -> UpstreamError:
 
 async def send_once(u: Upstream, sender: str, recipients: Sequence[str], message: bytes, *,
                     local_hostname: str, connect_timeout: float, command_timeout: float,
-                    pool: Pool | None = None, stuffed: bool = False) -> str:
+                    pool: Pool | None = None, stuffed: bool = False,
+                    progress: Progress | None = None) -> str:
     """One attempt through one upstream; return its final reply text or raise
     UpstreamError (classified). ``stuffed``: see wire_data. With a pool the
     connection is reused and kept; a pooled connection that turns out dead
-    before DATA is replaced once by a fresh one without counting as an
-    upstream error."""
+    before DATA is replaced once by a new one (never another idle one: they
+    went stale together, and all of the key's idle ones are dropped) without
+    counting as an upstream error. ``progress`` tells the caller whether the
+    final dot went out."""
     payload = wire_data(message, stuffed=stuffed)
+    progress = progress if progress is not None else Progress()
 
     async def open_new() -> aiosmtplib.SMTP:
         return await _open(u, local_hostname, connect_timeout, command_timeout)
 
     for retry in (False, True):
         if pool is not None:
-            client, reused = await pool.acquire(u, open_new)
+            if retry:
+                pool.drop_idle(u)
+            client, reused = await pool.acquire(u, open_new, fresh=retry)
         else:
             client, reused = await open_new(), False
         # Keep the connection only if the dialogue ended in step: after a
@@ -182,15 +225,15 @@ async def send_once(u: Upstream, sender: str, recipients: Sequence[str], message
             for rcpt in recipients:
                 await client.rcpt(rcpt)
             before_data = False
-            response = await _data(client, payload)
-            keep = True
+            response = await _data(client, payload, progress)
+            keep = _in_step(client)
             return _reply(response.code, response.message)
         except aiosmtplib.SMTPResponseException as exc:
             if reused and before_data and exc.code == 421 and not retry:
                 continue        # the server closed an idle pooled connection
             # SMTPRecipientRefused / SMTPSenderRefused / SMTPDataError: the
             # dialogue is in step; the next use starts with RSET.
-            keep = exc.code != 421
+            keep = exc.code != 421 and _in_step(client)
             reply = _reply(exc.code, exc.message)
             if isinstance(exc, aiosmtplib.SMTPRecipientRefused):
                 reply += f" (recipient {exc.recipient})"
@@ -198,8 +241,12 @@ async def send_once(u: Upstream, sender: str, recipients: Sequence[str], message
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
             if reused and before_data and not retry:
                 continue        # stale pooled connection: once more, fresh
+            if progress.dot:
+                raise _unconfirmed(exc, command_timeout) from None
             raise _connection_error(exc) from None
         except (aiosmtplib.SMTPException, OSError) as exc:
+            if progress.dot:
+                raise _unconfirmed(exc, command_timeout) from None
             raise _connection_error(exc) from None
         finally:
             if pool is not None:
@@ -229,6 +276,7 @@ class Attempt:
     duration: float
     rewritten: bool = False
     permanent: bool = False
+    unconfirmed: bool = False      # the upstream had the message, then no reply
 
 
 @dataclass
@@ -249,6 +297,10 @@ class Outcome:
     def permanent(self) -> bool:
         return self.last is not None and self.last.permanent
 
+    @property
+    def unconfirmed(self) -> bool:
+        return self.last is not None and self.last.unconfirmed
+
 
 # prepare(upstream) -> (envelope sender, message bytes, rewritten?)
 Prepare = Callable[[Upstream], tuple[str, bytes, bool]]
@@ -259,9 +311,10 @@ Record = Callable[[Upstream, str, str], Awaitable[None]]
 async def deliver(candidates: Sequence[Upstream], recipients: Sequence[str], prepare: Prepare,
                   record: Record, *, local_hostname: str, connect_timeout: float,
                   command_timeout: float, deadline: float, pool: Pool | None = None) -> Outcome:
-    """Try ``candidates`` in order until one accepts, a permanent refusal, or
-    ``deadline`` seconds pass (SPEC 3.7). ``prepare`` returns each
-    upstream's message in DATA wire form (dot-stuffed, as received)."""
+    """Try ``candidates`` in order until one accepts, a permanent refusal, an
+    unconfirmed attempt, or ``deadline`` seconds pass (SPEC 3.7, 3.8).
+    ``prepare`` returns each upstream's message in DATA wire form
+    (dot-stuffed, as received)."""
     outcome = Outcome()
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline
@@ -271,15 +324,18 @@ async def deliver(candidates: Sequence[Upstream], recipients: Sequence[str], pre
             break
         sender, message, rewritten = prepare(u)
         started = time.monotonic()
+        progress = Progress()
         try:
             async with asyncio.timeout(remaining):
                 reply = await send_once(u, sender, recipients, message,
                                         local_hostname=local_hostname,
                                         connect_timeout=min(connect_timeout, remaining),
                                         command_timeout=command_timeout, pool=pool,
-                                        stuffed=True)
+                                        stuffed=True, progress=progress)
         except TimeoutError:
-            err = UpstreamError(f"failover deadline of {deadline:g}s reached")
+            err = UpstreamError(f"failover deadline of {deadline:g} s reached"
+                                + (" after the message was sent" if progress.dot else ""),
+                                unconfirmed=progress.dot)
         except UpstreamError as exc:
             err = exc
         else:
@@ -287,10 +343,11 @@ async def deliver(candidates: Sequence[Upstream], recipients: Sequence[str], pre
             await record(u, "ok", reply)
             return outcome
         outcome.attempts.append(Attempt(u, False, err.reply, time.monotonic() - started,
-                                        rewritten, err.permanent))
+                                        rewritten, err.permanent, err.unconfirmed))
         # A 5xx is about the message, not the server: no error counted, and
-        # no failover (the next upstream would refuse it too).
+        # no failover (the next upstream would refuse it too). Unconfirmed:
+        # the server's fault, counted, and no failover (a duplicate).
         await record(u, "refused" if err.permanent else "error", err.reply)
-        if err.permanent:
+        if err.permanent or err.unconfirmed:
             break
     return outcome

@@ -28,6 +28,20 @@ from relayd.daemon import Relay
 maillog.setup("debug")
 
 
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """asyncio's event loop for every test, plus uvloop -- relayd's loop in
+    production (cli.py) -- for tests marked
+    ``pytest.mark.asyncio(loop_factories=["asyncio", "uvloop"])``. The two
+    order events differently: uvloop delivers a new connection's first read
+    (its EOF, say) before any task has run, asyncio never does."""
+    marker = item.get_closest_marker("asyncio")
+    factories: dict[str, Any] = {"asyncio": asyncio.new_event_loop}
+    if marker is not None and "uvloop" in (marker.kwargs.get("loop_factories") or ()):
+        import uvloop
+        factories["uvloop"] = uvloop.new_event_loop
+    return factories
+
+
 # ---------------------------------------------------------------- TLS material
 
 @pytest.fixture(scope="session")
@@ -74,7 +88,8 @@ class Received:
 @dataclass
 class Sink:
     """A recording upstream. ``mode``: accept | tempfail | permfail |
-    rcpt_tempfail | rcpt_permfail | hang. Change it at any time."""
+    rcpt_tempfail | rcpt_permfail | rcpt_hang | hang (after the whole
+    message). Change it at any time."""
 
     mode: str = "accept"
     username: str | None = None
@@ -99,8 +114,18 @@ class Sink:
     def open_connections(self) -> int:
         return sum(1 for p in self.protocols if p.transport is not None)
 
+    def make_stale(self) -> None:
+        """Every open connection answers its next RSET with 421 and closes,
+        as a restarted upstream's idle connections do, yet stays open until
+        then (so relayd's pool cannot see it coming)."""
+        for p in self.protocols:
+            p.stale = True  # type: ignore[attr-defined]
+
     async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.resets += 1
+        if getattr(server, "stale", False):
+            server.loop.call_soon(server.transport.close)
+            return "421 4.4.2 sink.test closing idle connection"
         return "250 OK"
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
@@ -112,6 +137,8 @@ class Sink:
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, options: list[str]) -> str:
+        if self.mode == "rcpt_hang":
+            await self.hang_event.wait()
         if self.mode == "rcpt_tempfail":
             return "450 4.2.0 Mailbox busy"
         if self.mode == "rcpt_permfail":

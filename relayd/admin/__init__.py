@@ -14,7 +14,8 @@
   (``webitel.py``, 4.3) dialects; ``/admin/*`` answers 404 there;
 * the metrics listener ``metrics.listen`` (null disables it): ``GET /metrics``
   (Prometheus text) and ``GET /healthz`` (200 while every SMTP listener
-  serves and relayd is not draining, else 503).
+  serves, relayd is not draining and the store watch sees no problem
+  (storewatch.py), else 503).
 
 After ``start`` the relay carries the bound addresses, for callers that bind
 port 0 (tests) and for ``GET /admin/status``:
@@ -115,7 +116,7 @@ def _metrics_router(relay: Relay) -> Router:
         return Response(200, metrics.exposition(), CONTENT_TYPE_LATEST)
 
     async def healthz(req: Request) -> Response:
-        up = (bool(relay.smtp_servers) and not relay.draining
+        up = (bool(relay.smtp_servers) and not relay.draining and relay.store_problem is None
               and all(server.is_serving() for _, server in relay.smtp_servers))
         return text_response("ok\n") if up else text_response("unavailable\n", 503)
 
