@@ -35,6 +35,19 @@ class NotFound(RelaydError):
         super().__init__(f"{kind} not found")
 
 
+class RecordError(RelaydError):
+    """A record change refused by a rule of tenants.py. ``rule``: which one
+    (a tenants.py constant, stable for dialects to map); ``message``: the
+    reason in the store's field names, which a dialect may re-word in its
+    own spellings; ``field``: the field at fault, where there is one;
+    ``ids``: the records the rule concerns (an owner, apps)."""
+
+    def __init__(self, rule: str, message: str, *, field: str | None = None,
+                 ids: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.rule, self.message, self.field, self.ids = rule, message, field, ids
+
+
 class UpstreamError(RelaydError):
     """One upstream attempt failed. ``permanent`` is True only for a 5xx reply
     (SPEC 3.7-3.8): the next upstream would refuse the message too.

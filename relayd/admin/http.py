@@ -1,5 +1,6 @@
 """HTTP/1.1 for the admin socket and the metrics listener: h11 over asyncio
-streams, request decoding and the routing table.
+streams and the routing table. What a request holds is decoded in
+request.py, what a handler answers is in response.py.
 
 Theory of operation
 -------------------
@@ -23,8 +24,8 @@ moves bytes between the socket and an ``h11.Connection`` and enforces bounds:
 * on TCP (``admin.listen``, ``metrics.listen``) also ``MAX_PER_ADDRESS``
   per client address (IPv6: per /64), and a first request head is due
   ``TCP_FIRST_HEAD_TIMEOUT`` after the accept: one address's slow heads can
-  neither fill a listener nor hold slots long. Not on the trusted Unix socket;
-* a JSON string that is not valid Unicode (a lone surrogate) is a 400.
+  neither fill a listener nor hold slots long (peers.py). Not on the trusted
+  Unix socket.
 
 Requests are handled one at a time per connection (h11 pipelines by
 buffering). A handler returns a ``Response`` or raises ``ApiError``; any
@@ -34,7 +35,8 @@ strings and bodies are never logged: SendClean clients may put their token
 in either.
 
 Dialects: each route belongs to a ``Dialect`` that renders errors in its own
-JSON shape and answers a store ``NotFound`` its own way; requests that match
+JSON shape and answers a store ``NotFound`` and a tenants ``RecordError`` (a
+record rule refused the change) its own way; requests that match
 no route (404/405) or fail before routing (400/408/413/431/505) are rendered
 by the dialect owning the path's prefix.
 """
@@ -42,23 +44,23 @@ by the dialect owning the path's prefix.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import ipaddress
-import json
 import logging
 import os
 import re
 import socket
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
 import h11
 
-from ..errors import NotFound
+from ..errors import NotFound, RecordError
+from .peers import PerAddress, address_key
+from .request import Request
+from .response import ApiError, Dialect, Response, render
 
 log = logging.getLogger("relayd.admin")
 
@@ -73,7 +75,6 @@ MAX_CONNECTIONS = 256         # per listener; tenants on TCP must not exhaust fd
 # slow-head bound above frees a slot only after HEADER_TIMEOUT).
 MAX_PER_ADDRESS = 16
 TCP_FIRST_HEAD_TIMEOUT = 3.0  # seconds from accept to a whole first head (TCP)
-MAX_FIELDS = 200              # query/form fields per request (urllib's own DoS guard)
 READ_CHUNK = 64 * 1024
 LINGER_TIMEOUT = 2.0          # after a refusal: how long to discard what still arrives
 LINGER_BYTES = 4 * MAX_BODY   # ... and how much of it
@@ -81,180 +82,6 @@ LINGER_BYTES = 4 * MAX_BODY   # ... and how much of it
 # Counted in the raw head (see module docstring): one per request, at most.
 _CONTENT_LENGTH_LINE = re.compile(rb"^content-length[ \t]*:([^\r\n]*)", re.I | re.M)
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
-
-
-class ApiError(Exception):
-    """An answer other than success. ``code``: the seed-000 406 code (or the
-    operator API's rule code) where one applies."""
-
-    def __init__(self, status: int, message: str, *, code: int | None = None,
-                 headers: Sequence[tuple[str, str]] = ()):
-        self.status = status
-        self.message = message
-        self.code = code
-        self.headers = list(headers)
-        super().__init__(message)
-
-
-@dataclass
-class Response:
-    status: int = 200
-    body: bytes = b""
-    content_type: str | None = None
-    headers: list[tuple[str, str]] = field(default_factory=list)
-
-
-def json_response(obj: Any, status: int = 200) -> Response:
-    # no-store: answers carry tokens and generated passwords.
-    return Response(status, json.dumps(obj).encode(), "application/json",
-                    [("Cache-Control", "no-store")])
-
-
-def empty_response(status: int = 200) -> Response:
-    return Response(status, b"", None, [("Cache-Control", "no-store")])
-
-
-def text_response(text: str, status: int = 200,
-                  content_type: str = "text/plain; charset=utf-8") -> Response:
-    return Response(status, text.encode(), content_type)
-
-
-def _record_not_found(exc: NotFound) -> ApiError:
-    return ApiError(404, f"{exc.kind} not found")
-
-
-@dataclass(frozen=True)
-class Dialect:
-    """How one API dialect spells an error. ``prefixes``: the paths it owns,
-    so that a 404 under ``/settings/`` still answers in SendClean's shape.
-    ``not_found``: its answer when a handler's record does not exist (or
-    belongs to another owner: the store raises the same NotFound)."""
-
-    name: str
-    prefixes: tuple[str, ...]
-    render: Callable[[ApiError], Response]
-    not_found: Callable[[NotFound], ApiError] = _record_not_found
-
-
-def _plain_error(err: ApiError) -> Response:
-    return text_response(f"{err.status} {err.message}\n", err.status)
-
-
-PLAIN = Dialect("plain", (), _plain_error)
-
-
-# ---------------------------------------------------------------- requests
-
-@dataclass
-class Params:
-    """Flat request parameters from the query string and the body.
-    ``text_keys``: those that arrived as text (query, form-encoded) and may be
-    converted (SPEC 4.5: form-encoded numbers and true/false)."""
-
-    values: dict[str, Any]
-    text_keys: set[str]
-
-
-def _pairs(text: str, where: str) -> dict[str, str]:
-    try:
-        pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=True,
-                                       errors="strict", max_num_fields=MAX_FIELDS)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, f"malformed {where}") from None
-    out: dict[str, str] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ApiError(400, f"parameter {key} given more than once")
-        out[key] = value
-    return out
-
-
-def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key}")
-        out[key] = value
-    return out
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _is_unicode(obj: Any) -> bool:
-    """Whether every string (keys too) encodes as UTF-8. JSON's "\\ud800"
-    yields a lone surrogate, which SQLite and hashing refuse with an exception
-    (a 500): checked here, once, for every dialect. Query, form, path (strict
-    UTF-8) and headers (Latin-1) never hold one."""
-    try:
-        json.dumps(obj, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-@dataclass
-class Request:
-    method: str
-    path: str
-    query_string: str
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-    # The Unix socket: operator routes exist there, and X-Relayd-Owner works.
-    trusted: bool = False
-    path_params: dict[str, str] = field(default_factory=dict)
-
-    def header(self, name: str) -> str | None:
-        """One header's value; a repeated header is ambiguous (400)."""
-        key = name.lower().encode()
-        values = [v for k, v in self.headers if k == key]
-        if len(values) > 1:
-            raise ApiError(400, f"header {name} given more than once")
-        return values[0].decode("latin-1") if values else None
-
-    def query(self) -> dict[str, str]:
-        if not self.query_string:
-            return {}
-        return _pairs(self.query_string, "query string")
-
-    def body_object(self) -> tuple[dict[str, Any], bool]:
-        """The body as a JSON object or form fields; (values, is_text)."""
-        if not self.body:
-            return {}, False
-        media = (self.header("Content-Type") or "").split(";")[0].strip().lower()
-        if media == "application/x-www-form-urlencoded":
-            try:
-                text = self.body.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ApiError(400, "form body is not UTF-8") from None
-            return _pairs(text, "form body"), True
-        if media.startswith("multipart/"):
-            raise ApiError(415, "send JSON or application/x-www-form-urlencoded")
-        try:
-            obj = json.loads(self.body, object_pairs_hook=_refuse_duplicate_keys,
-                             parse_constant=_refuse_constant)
-        except (ValueError, RecursionError):
-            # ValueError covers bad syntax, bad UTF-8, duplicate keys and
-            # integers too long to convert; nothing of the input is echoed.
-            raise ApiError(400, "invalid JSON body") from None
-        if not isinstance(obj, dict):
-            raise ApiError(400, "the JSON body must be an object")
-        if not _is_unicode(obj):
-            raise ApiError(400, "invalid JSON body: a string holds a lone surrogate "
-                                "(not valid Unicode)")
-        return obj, False
-
-    def params(self) -> Params:
-        """Query string and body merged; a key in both is ambiguous (400)."""
-        query = self.query()
-        body, body_is_text = self.body_object()
-        both = set(query) & set(body)
-        if both:
-            raise ApiError(400, f"parameter {sorted(both)[0]} given in both the query "
-                                "string and the body")
-        text_keys = set(query) | (set(body) if body_is_text else set())
-        return Params({**query, **body}, text_keys)
 
 
 # ---------------------------------------------------------------- routing
@@ -323,17 +150,13 @@ class Router:
             return render(dialect, err)
         except NotFound as exc:
             return render(dialect, dialect.not_found(exc))
+        except RecordError as exc:
+            return render(dialect, dialect.refused(exc))
         except Exception:
             # The traceback goes to the log, never to the client (STYLE 5).
             # Query and body are not logged: they may hold a token.
             log.exception("admin request failed: %s %s", req.method, req.path)
             return render(dialect, ApiError(500, "internal error"))
-
-
-def render(dialect: Dialect, err: ApiError) -> Response:
-    response = dialect.render(err)
-    response.headers.extend(err.headers)
-    return response
 
 
 # ---------------------------------------------------------------- connections
@@ -521,18 +344,6 @@ _PROTOCOL_MESSAGES = {
 }
 
 
-def _address_key(writer: asyncio.StreamWriter) -> str:
-    """What MAX_PER_ADDRESS counts for a TCP peer: its IP address, or for
-    IPv6 its /64 (one host commonly holds a whole /64)."""
-    peer = writer.get_extra_info("peername")
-    if not isinstance(peer, tuple):
-        return ""
-    ip = ipaddress.ip_address(peer[0].partition("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address):
-        return str(ip.ipv4_mapped) if ip.ipv4_mapped else ip.exploded[:19]
-    return str(ip)
-
-
 class HttpServer(asyncio.AbstractServer):
     """One listener (Unix or TCP) serving ``router``. Closing it also closes
     the connections it accepted, so that a stopped relayd leaves no handler
@@ -544,7 +355,7 @@ class HttpServer(asyncio.AbstractServer):
         self.name = name
         self.server: asyncio.AbstractServer | None = None
         self._writers: set[asyncio.StreamWriter] = set()
-        self._per_address: collections.Counter[str] = collections.Counter()
+        self._per_address = PerAddress(MAX_PER_ADDRESS)
         self._unix: tuple[str, int] | None = None     # (path, inode) of our socket file
 
     async def start_unix(self, path: str) -> None:
@@ -573,22 +384,19 @@ class HttpServer(asyncio.AbstractServer):
         return tuple(self.server.sockets) if self.server else ()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        key = "" if self.trusted else _address_key(writer)     # "": not bounded
+        key = "" if self.trusted else address_key(writer)      # "": not bounded
         if (len(self._writers) >= MAX_CONNECTIONS or not self.is_serving()
-                or (key and self._per_address[key] >= MAX_PER_ADDRESS)):
+                or not self._per_address.admit(key)):
             writer.close()
             return
         self._writers.add(writer)
-        self._per_address[key] += 1
         try:
             await _Connection(self, reader, writer).run()
         except Exception:
             log.exception("%s connection failed", self.name)
         finally:
             self._writers.discard(writer)
-            self._per_address[key] -= 1
-            if not self._per_address[key]:
-                del self._per_address[key]
+            self._per_address.release(key)
             writer.close()
 
     def close(self) -> None:

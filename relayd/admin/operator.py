@@ -24,28 +24,31 @@ owner = {owner_id, plan, created, idapp (default app), apps (count)};
 app = {idapp, owner_id, name, strategy, test_email, created}.
 
 The lookups (users, smtps) let relayctl find the owner of a record and then
-speak the tenant dialects for it with ``X-Relayd-Owner`` (see the package
-docstring), so every rule of those dialects applies to the operator too.
+speak the tenant dialects for it with ``X-Relayd-Owner`` (see fields.py),
+so every rule of those dialects applies to the operator too.
 
 Errors: ``{"status":"error","message":M}`` (plus ``code`` for a plan rule)
 with 400 (bad parameter or JSON), 404 (no such owner/app/record/route), 405,
-409 (refused by a rule: the priority strategy on the free plan -- code 3 as
-in the SMTPs dialect -- or removing an owner's last app), 413 and 500.
+409 (refused by a rule of tenants.py: the priority strategy on the free
+plan -- code 3 as in the SMTPs dialect -- or removing an owner's last app),
+413 and 500.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Literal
 
-from .. import __version__, metrics
+from .. import __version__
+from ..errors import RecordError
 from ..records import App, Owner
-from . import Email, HeaderText, Id, Model, validate
-from .http import ApiError, Dialect, Request, Response, Route, json_response
-from .sendclean import forget_usage
-from .smtps import PRIORITY_NEEDS_PAID_PLAN, REFUSED, record
-from .webitel import document
+from ..tenants import Tenants
+from .fields import Email, HeaderText, Id, Model, validate
+from .http import Route
+from .request import Request
+from .response import ApiError, Dialect, Response, json_response
+from .upstreams import RULE_CODES
+from .views import domain_json, upstream_json
 
 if TYPE_CHECKING:
     from ..daemon import Relay
@@ -62,9 +65,14 @@ def _render(err: ApiError) -> Response:
     return json_response(body, err.status)
 
 
+def _refused(exc: RecordError) -> ApiError:
+    """409, with the SMTPs dialect's code where the rule has one (a plan rule)."""
+    return ApiError(409, exc.message, code=RULE_CODES.get(exc.rule))
+
+
 # Also the fallback shape for paths no dialect owns, and for /admin/* on the
 # TCP listener, where the operator routes do not exist.
-DIALECT = Dialect("operator", ("/admin/",), _render)
+DIALECT = Dialect("operator", ("/admin/",), _render, refused=_refused)
 
 
 class NewOwner(Model):
@@ -101,16 +109,10 @@ def app_json(a: App) -> dict[str, Any]:
             "test_email": a.test_email, "created": a.created}
 
 
-def _priority_refused(owner: Owner, strategy: str | None) -> None:
-    if strategy == "priority" and owner.plan != "paid":
-        raise ApiError(409, f"{REFUSED[PRIORITY_NEEDS_PAID_PLAN]}: owner {owner.owner_id} "
-                            "is on the free plan, which uses the random strategy only",
-                       code=PRIORITY_NEEDS_PAID_PLAN)
-
-
 class Operator:
-    def __init__(self, relay: Relay):
+    def __init__(self, relay: Relay, tenants: Tenants):
         self.relay = relay
+        self.tenants = tenants
 
     # ------------------------------------------------------------ status
 
@@ -169,33 +171,13 @@ class Operator:
     async def set_plan(self, req: Request) -> Response:
         owner = await self.relay.store.get_owner(req.path_params["owner_id"])
         p = validate(PlanChange, req.params())
-        if p.plan == "free":
-            priority = [a.idapp for a in await self.relay.store.list_apps(owner.owner_id)
-                        if a.strategy == "priority"]
-            if priority:
-                raise ApiError(409, f"{REFUSED[PRIORITY_NEEDS_PAID_PLAN]}: switch apps "
-                                    f"{', '.join(priority)} to the random strategy first",
-                               code=PRIORITY_NEEDS_PAID_PLAN)
-        updated = await self.relay.store.set_plan(owner.owner_id, p.plan)
+        updated = await self.tenants.set_plan(owner.owner_id, p.plan)
         return json_response(await self._owner_json(updated))
 
     async def remove_owner(self, req: Request) -> Response:
-        store = self.relay.store
-        owner = await store.get_owner(req.path_params["owner_id"])
-        await self._remove(store.remove_owner(owner.owner_id), owner.owner_id,
-                           await store.list_apps(owner.owner_id))
+        owner = await self.relay.store.get_owner(req.path_params["owner_id"])
+        await self.tenants.remove_owner(owner.owner_id)
         return json_response({"owner_id": owner.owner_id, "removed": True})
-
-    async def _remove(self, removal: Awaitable[None], owner_id: str, apps: list[App]) -> None:
-        """Run ``removal`` (of an owner or an app, cascading to ``apps``),
-        then drop the quota state and gauges of what went with it."""
-        store = self.relay.store
-        idapps = {a.idapp for a in apps}
-        users = [u.name for u in await store.list_users(owner_id) if u.idapp in idapps]
-        upstreams = [u.idsmtp for a in apps for u in await store.list_upstreams(a.idapp)]
-        await removal
-        forget_usage(self.relay, users)
-        metrics.forget_upstreams(upstreams)
 
     # ------------------------------------------------------------ apps
 
@@ -207,10 +189,7 @@ class Operator:
 
     async def create_app(self, req: Request) -> Response:
         p = validate(NewApp, req.params())
-        owner = await self.relay.store.get_owner(p.owner_id)
-        _priority_refused(owner, p.strategy)
-        app = await self.relay.store.create_app(owner.owner_id, p.name, p.strategy,
-                                                p.test_email)
+        app = await self.tenants.create_app(p.owner_id, p.name, p.strategy, p.test_email)
         return json_response(app_json(app), 201)
 
     async def get_app(self, req: Request) -> Response:
@@ -219,17 +198,12 @@ class Operator:
     async def edit_app(self, req: Request) -> Response:
         app = await self.relay.store.get_app(req.path_params["idapp"])
         p = validate(AppChange, req.params())
-        _priority_refused(await self.relay.store.get_owner(app.owner_id), p.strategy)
-        updated = await self.relay.store.update_app(
-            app.idapp, strategy=p.strategy, test_email=p.test_email, name=p.name)
+        updated = await self.tenants.edit_app(app, name=p.name, strategy=p.strategy,
+                                              test_email=p.test_email)
         return json_response(app_json(updated))
 
     async def remove_app(self, req: Request) -> Response:
-        store = self.relay.store
-        app = await store.get_app(req.path_params["idapp"])
-        if len(await store.list_apps(app.owner_id)) <= 1:
-            raise ApiError(409, "an owner keeps at least one app; remove the owner instead")
-        await self._remove(store.remove_app(app.idapp), app.owner_id, [app])
+        app = await self.tenants.remove_app(req.path_params["idapp"])
         return json_response({"idapp": app.idapp, "removed": True})
 
     # ------------------------------------------------------------ lookups
@@ -247,17 +221,17 @@ class Operator:
         store = self.relay.store
         u = await store.get_upstream(req.path_params["idsmtp"])
         app = await store.get_app(u.idapp or "")
-        return json_response({**record(u), "owner_id": app.owner_id})
+        return json_response({**upstream_json(u), "owner_id": app.owner_id})
 
     async def list_domains(self, req: Request) -> Response:
         p = validate(OwnerRef, req.params())
         await self.relay.store.get_owner(p.owner_id)
-        return json_response([document(d)
+        return json_response([domain_json(d)
                               for d in await self.relay.store.list_domains(p.owner_id)])
 
 
-def routes(relay: Relay) -> list[Route]:
-    api = Operator(relay)
+def routes(relay: Relay, tenants: Tenants) -> list[Route]:
+    api = Operator(relay, tenants)
     table = (
         ("GET", "/admin/status", api.status),
         ("GET", "/admin/owners", api.list_owners),

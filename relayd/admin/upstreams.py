@@ -14,7 +14,8 @@ password, auth, startstls, sslTls, debug, defaultfromemail, defaultfromname,
 numerrors, created, modified, status`` plus ``verify_tls`` and
 ``allowed_domains`` (null = the default of SPEC 2). ``password`` is always
 ``"********"``, whether one is stored or not; saving ``"********"`` keeps the
-stored secret (or its absence), so a record read back can be saved again. Accepted spellings:
+stored secret (or its absence), so a record read back can be saved again
+(tenants.py, which also holds the rules across fields). Accepted spellings:
 ``startstls``/``starttls``, ``sslTls``/``ssltls``,
 ``defaultfromemail``/``defaulfromemail``. A record sent back whole may carry
 its read-only keys (``numerrors``, ``created``, ``modified``); they are ignored.
@@ -43,16 +44,20 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import aiosmtplib
 
-from .. import metrics
-from ..errors import NotFound, UpstreamError
+from .. import tenants as rules
+from ..errors import NotFound, RecordError, UpstreamError
 from ..maillog import event
 from ..policy import format_from
 from ..records import Upstream
 from ..replies import one_line
+from ..tenants import Tenants
 from ..upstream import send_once
-from . import (MASK, DomainName, Email, HeaderText, Hostname, Id, Model, NonNegativeInt, Port,
-               authenticate_headers, spellings, validate)
-from .http import ApiError, Dialect, Request, Response, Route, empty_response, json_response
+from .fields import (DomainName, Email, HeaderText, Hostname, Id, Model, NonNegativeInt, Port,
+                     authenticate_headers, spellings, validate)
+from .http import Route
+from .request import Request
+from .response import ApiError, Dialect, Response, empty_response, json_response
+from .views import upstream_json
 
 if TYPE_CHECKING:
     from ..daemon import Relay
@@ -64,7 +69,8 @@ INVALID = (403, "Credentials not valid")
 
 # The 406 "specific errors" (seed 000 defines 1 and 2). One table numbers
 # every plan rule: 3 is raised where strategies are set, by the operator API
-# (HTTP 409 with this code), since no route of this dialect sets one.
+# (HTTP 409 with this code, see RULE_CODES), since no route of this dialect
+# sets one.
 SMTP_NOT_FOUND = 1
 APP_NOT_FOUND = 2
 PRIORITY_NEEDS_PAID_PLAN = 3      # the free plan uses the random strategy only
@@ -73,10 +79,11 @@ CHECK_FAILED = 5                  # check: it failed; message has the SMTP reply
 REFUSED = {
     SMTP_NOT_FOUND: "SMTP not found",
     APP_NOT_FOUND: "App not found",
-    PRIORITY_NEEDS_PAID_PLAN: "The priority strategy needs a paid plan",
+    PRIORITY_NEEDS_PAID_PLAN: rules.PRIORITY_REFUSED,
     NO_TEST_EMAIL: "App has no test_email",
     CHECK_FAILED: "SMTP check failed",
 }
+RULE_CODES = {rules.PRIORITY_NEEDS_PAID_PLAN: PRIORITY_NEEDS_PAID_PLAN}
 
 
 def refused(code: int, detail: str = "") -> ApiError:
@@ -92,7 +99,22 @@ def _not_found(exc: NotFound) -> ApiError:
     return refused(APP_NOT_FOUND if exc.kind == "app" else SMTP_NOT_FOUND)
 
 
-DIALECT = Dialect("smtps", ("/private/smtps",), _render, _not_found)
+# The record rules of tenants.py in this dialect's words and spellings; each
+# is a missing or mistyped parameter here (400).
+_WORDING = {
+    rules.TLS_MODES: "startstls and sslTls are mutually exclusive",
+    rules.AUTH_NEEDS_USERNAME: "username: is required when auth is true",
+}
+
+
+def _refused(exc: RecordError) -> ApiError:
+    code = RULE_CODES.get(exc.rule)
+    if code is not None:
+        return ApiError(406, exc.message, code=code)
+    return ApiError(400, _WORDING.get(exc.rule, exc.message))
+
+
+DIALECT = Dialect("smtps", ("/private/smtps",), _render, _not_found, _refused)
 
 
 class SmtpFields(Model):
@@ -122,7 +144,6 @@ class SmtpFields(Model):
 
 
 READ_ONLY = {"idsmtp", "numerrors", "created", "modified"}
-CREATE_REQUIRED = ("idapp", "host", "port")
 
 
 class SmtpRef(Model):
@@ -139,26 +160,6 @@ class SmtpRef(Model):
 
 class AppRef(Model):
     idapp: Id
-
-
-def record(u: Upstream) -> dict[str, Any]:
-    return {
-        "_id": u.idsmtp, "idapp": u.idapp, "priority": u.priority, "host": u.host,
-        "port": u.port, "username": u.username, "password": MASK,
-        "auth": u.auth, "startstls": bool(u.startstls), "sslTls": u.ssltls, "debug": u.debug,
-        "defaultfromemail": u.defaultfromemail, "defaultfromname": u.defaultfromname,
-        "numerrors": u.numerrors, "created": u.created, "modified": u.modified,
-        "status": u.status, "verify_tls": u.verify_tls,
-        "allowed_domains": list(u.allowed_domains) if u.allowed_domains is not None else None,
-    }
-
-
-def check_consistency(fields: dict[str, Any]) -> None:
-    """Rules across fields, on the record as it would be stored."""
-    if fields.get("startstls") and fields.get("ssltls"):
-        raise ApiError(400, "startstls and sslTls are mutually exclusive")
-    if fields.get("auth") and not fields.get("username"):
-        raise ApiError(400, "username: is required when auth is true")
 
 
 def check_message(u: Upstream, sender: str, to: str, hostname: str) -> bytes:
@@ -231,8 +232,9 @@ def check_failure(exc: UpstreamError, connect_timeout: float, command_timeout: f
 
 
 class Smtps:
-    def __init__(self, relay: Relay):
+    def __init__(self, relay: Relay, tenants: Tenants):
         self.relay = relay
+        self.tenants = tenants
 
     async def _owner_id(self, req: Request) -> str:
         owner = await authenticate_headers(self.relay, req, missing=MISSING, invalid=INVALID)
@@ -242,46 +244,26 @@ class Smtps:
         owner_id = await self._owner_id(req)
         p = validate(SmtpFields, req.params())
         fields = p.model_dump(exclude_unset=True, exclude=READ_ONLY)
-        store = self.relay.store
-        if fields.get("password") == MASK:
-            if p.idsmtp is None:
-                raise ApiError(400, f"password: {MASK} is the mask, not a password")
-            del fields["password"]        # round trip of a masked record: keep the secret
-        if p.idsmtp is not None:
-            current = await store.get_upstream(p.idsmtp, owner_id)
-            if fields.get("idapp", current.idapp) != current.idapp:
-                await store.get_app(fields["idapp"], owner_id)
-            stored = {k: getattr(current, k) for k in store.UPSTREAM_FIELDS}
-            check_consistency({**stored, **fields})
-            upstream = await store.update_upstream(p.idsmtp, fields)
-        else:
-            for key in CREATE_REQUIRED:
-                if key not in fields:
-                    raise ApiError(400, f"{key}: is required")
-            await store.get_app(fields["idapp"], owner_id)
-            check_consistency(fields)
-            upstream = await store.create_upstream(fields)
-        return json_response(record(upstream))
+        upstream = await self.tenants.save_upstream(owner_id, fields, p.idsmtp)
+        return json_response(upstream_json(upstream))
 
     async def find_by_app(self, req: Request) -> Response:
         owner_id = await self._owner_id(req)
         p = validate(AppRef, req.params())
         store = self.relay.store
         await store.get_app(p.idapp, owner_id)
-        return json_response([record(u) for u in await store.list_upstreams(p.idapp)])
+        return json_response([upstream_json(u) for u in await store.list_upstreams(p.idapp)])
 
     async def find_by_id(self, req: Request) -> Response:
         owner_id = await self._owner_id(req)
         p = validate(SmtpRef, req.params())
-        return json_response(record(await self.relay.store.get_upstream(p.smtp_id, owner_id)))
+        upstream = await self.relay.store.get_upstream(p.smtp_id, owner_id)
+        return json_response(upstream_json(upstream))
 
     async def remove(self, req: Request) -> Response:
         owner_id = await self._owner_id(req)
         p = validate(SmtpRef, req.params())
-        store = self.relay.store
-        u = await store.get_upstream(p.smtp_id, owner_id)
-        await store.remove_upstream(u.idsmtp)
-        metrics.forget_upstreams([u.idsmtp])
+        await self.tenants.remove_upstream(p.smtp_id, owner_id)
         return empty_response()
 
     async def check(self, req: Request) -> Response:
@@ -314,8 +296,8 @@ class Smtps:
         return empty_response()
 
 
-def routes(relay: Relay) -> list[Route]:
-    api = Smtps(relay)
+def routes(relay: Relay, tenants: Tenants) -> list[Route]:
+    api = Smtps(relay, tenants)
     return [Route(method, f"/private/smtps/{name}", handler, DIALECT)
             for method, name, handler in (
                 ("POST", "save", api.save), ("GET", "findByApp", api.find_by_app),

@@ -15,7 +15,7 @@ one), ``description``, ``from``, ``options`` {``host``, ``port`` (default
 ``domain`` or ``_id`` in the body (a document read back) is accepted; the
 domain must then match the query. Responses add ``_id`` and ``domain`` and
 always show ``options.auth.pass`` as ``"********"``; sending the mask back
-keeps the stored password.
+keeps the stored password (tenants.py).
 
 Errors: ``{"status":"error","info":M}`` with 400 (bad or missing parameter,
 missing ``domain``), 401 (no credentials), 403 (invalid credentials), 404,
@@ -29,10 +29,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
+from ..errors import RecordError
 from ..records import DomainSettings
-from . import (MASK, DomainName, Email, FreeText, HeaderText, Hostname, Model, Port,
-               authenticate_headers, validate)
-from .http import ApiError, Dialect, Request, Response, Route, json_response
+from ..tenants import Tenants
+from .fields import (DomainName, Email, FreeText, HeaderText, Hostname, Model, Port,
+                     authenticate_headers, validate)
+from .http import Route
+from .request import Request
+from .response import ApiError, Dialect, Response, json_response
+from .views import domain_json
 
 if TYPE_CHECKING:
     from ..daemon import Relay
@@ -46,7 +51,11 @@ def _render(err: ApiError) -> Response:
     return json_response({"status": "error", "info": err.message}, err.status)
 
 
-DIALECT = Dialect("webitel", ("/api/v2/email/",), _render)
+def _refused(exc: RecordError) -> ApiError:
+    return ApiError(400, exc.message)     # the mask with no password stored to keep
+
+
+DIALECT = Dialect("webitel", ("/api/v2/email/",), _render, refused=_refused)
 
 
 class TlsOptions(Model):
@@ -86,17 +95,10 @@ class DomainRef(Model):
     domain: DomainName
 
 
-def document(d: DomainSettings) -> dict[str, Any]:
-    options = dict(d.options)
-    if isinstance(options.get("auth"), dict):
-        options["auth"] = {**options["auth"], "pass": MASK}
-    return {"_id": d.id, "provider": d.provider, "description": d.description,
-            "from": d.from_, "options": options, "domain": d.domain}
-
-
 class Webitel:
-    def __init__(self, relay: Relay):
+    def __init__(self, relay: Relay, tenants: Tenants):
         self.relay = relay
+        self.tenants = tenants
 
     async def _target(self, req: Request) -> tuple[str, str]:
         """(owner_id, domain): credentials first, then the query."""
@@ -111,19 +113,18 @@ class Webitel:
 
     async def get(self, req: Request) -> Response:
         owner_id, domain = await self._target(req)
-        return json_response(document(await self._existing(owner_id, domain)))
+        return json_response(domain_json(await self._existing(owner_id, domain)))
 
     async def post(self, req: Request) -> Response:
         owner_id, domain = await self._target(req)
-        return await self._put(req, owner_id, domain,
-                               await self.relay.store.get_domain(owner_id, domain))
+        return await self._put(req, owner_id, domain)
 
     async def put(self, req: Request) -> Response:
         owner_id, domain = await self._target(req)
-        return await self._put(req, owner_id, domain, await self._existing(owner_id, domain))
+        await self._existing(owner_id, domain)
+        return await self._put(req, owner_id, domain)
 
-    async def _put(self, req: Request, owner_id: str, domain: str,
-                   current: DomainSettings | None) -> Response:
+    async def _put(self, req: Request, owner_id: str, domain: str) -> Response:
         body, is_text = req.body_object()
         if is_text:
             raise ApiError(415, "send the settings as a JSON object")
@@ -136,16 +137,11 @@ class Webitel:
             "secure": opts.secure, "debug": opts.debug,
             "tls": {"rejectUnauthorized": opts.tls.rejectUnauthorized}}
         if opts.auth is not None:
-            password = opts.auth.pass_
-            if password == MASK:
-                if current is None:
-                    raise ApiError(400, f"options.auth.pass: {MASK} is the mask, not a password")
-                password = (current.options.get("auth") or {}).get("pass")
-            options["auth"] = {"user": opts.auth.user, "pass": password}
-        saved = await self.relay.store.put_domain(
+            options["auth"] = {"user": opts.auth.user, "pass": opts.auth.pass_}
+        saved = await self.tenants.put_domain(
             owner_id, domain, provider=s.provider, description=s.description, from_=s.from_,
             options=options)
-        return json_response(document(saved))
+        return json_response(domain_json(saved))
 
     async def delete(self, req: Request) -> Response:
         owner_id, domain = await self._target(req)
@@ -155,7 +151,7 @@ class Webitel:
         return json_response({"status": "OK", "Info": f"Removed {removed} record."})
 
 
-def routes(relay: Relay) -> list[Route]:
-    api = Webitel(relay)
+def routes(relay: Relay, tenants: Tenants) -> list[Route]:
+    api = Webitel(relay, tenants)
     return [Route(method, PATH, handler, DIALECT) for method, handler in (
         ("GET", api.get), ("POST", api.post), ("PUT", api.put), ("DELETE", api.delete))]

@@ -28,8 +28,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import NotFound
 from ..records import Owner
-from . import Id, Model, PositiveInt, authenticate, validate
-from .http import ApiError, Dialect, Request, Response, Route, json_response
+from ..tenants import Tenants
+from .fields import Id, Model, PositiveInt, authenticate, validate
+from .http import Route
+from .request import Request
+from .response import ApiError, Dialect, Response, json_response
 
 if TYPE_CHECKING:
     from ..daemon import Relay
@@ -82,8 +85,9 @@ class ListSmtp(Model):
 
 
 class SendClean:
-    def __init__(self, relay: Relay):
+    def __init__(self, relay: Relay, tenants: Tenants):
         self.relay = relay
+        self.tenants = tenants
 
     async def _request(self, req: Request, model: type[Any]) -> tuple[Owner, Any]:
         params = req.params()
@@ -117,8 +121,7 @@ class SendClean:
 
     async def delete(self, req: Request) -> Response:
         owner, p = await self._request(req, UserRef)
-        await self.relay.store.remove_user(p.smtp_user_name, owner.owner_id)
-        forget_usage(self.relay, [p.smtp_user_name])
+        await self.tenants.remove_user(p.smtp_user_name, owner.owner_id)
         return json_response({"status": "success", "message": "SMTP User Deleted"})
 
     async def list(self, req: Request) -> Response:
@@ -137,17 +140,8 @@ class SendClean:
             for u in users]})
 
 
-def forget_usage(relay: Relay, names: list[str]) -> None:
-    """Drop the quota state of deleted users -- except while a session still
-    holds reservations for one: it releases them later, and the ledger
-    refuses to release what it no longer knows."""
-    for name in names:
-        if relay.ledger.reserved(name) == 0:
-            relay.ledger.forget(name)
-
-
-def routes(relay: Relay) -> list[Route]:
-    api = SendClean(relay)
+def routes(relay: Relay, tenants: Tenants) -> list[Route]:
+    api = SendClean(relay, tenants)
     return [Route("POST", f"/settings/{name}", handler, DIALECT) for name, handler in (
         ("addSmtp", api.add), ("editSmtp", api.edit), ("resetSmtpPassword", api.reset_password),
         ("listSmtp", api.list), ("deleteSmtp", api.delete))]
