@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import os
 import random
@@ -25,13 +26,13 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import maillog, metrics, replies, routing, storewatch
+from . import delivery, maillog, metrics, replies, routing, storewatch
 from .config import Config, Source, server_tls_context
 from .errors import ConfigError, StoreError
 from .maillog import event
 from .policy import AuthThrottle, Ledger
 from .pool import Pool
-from .records import SmtpUser, Upstream, domain_of
+from .records import Upstream
 from .store import Store
 
 if TYPE_CHECKING:
@@ -59,10 +60,10 @@ class Relay:
         self.hostname = config.hostname or socket.gethostname()
         self.store = Store(config.database_path)
         self.ledger = Ledger()
-        self.errors = routing.ErrorBook()
         self.pool = Pool()
         self.throttle = AuthThrottle(config.auth_failures.max, config.auth_failures.window)
         self.rng = random.SystemRandom()
+        self._error_counts = functools.partial(delivery.upstream_error_counts, self)
         self.system = system_upstreams(config)
         self.server_tls: ssl.SSLContext | None = (
             server_tls_context(config.tls) if config.tls else None)
@@ -91,7 +92,7 @@ class Relay:
         os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
         await self.store.open()
         self.ledger.load(await self.store.load_usage(time.time()))
-        metrics.UPSTREAM_ERRORS.source = self.upstream_error_counts
+        metrics.UPSTREAM_ERRORS.source = self._error_counts
         loop = asyncio.get_running_loop()
         for lst in self.config.listen:
             server = await loop.create_server(
@@ -153,7 +154,7 @@ class Relay:
         await self.close()
 
     async def close(self) -> None:
-        if metrics.UPSTREAM_ERRORS.source == self.upstream_error_counts:
+        if metrics.UPSTREAM_ERRORS.source == self._error_counts:
             metrics.UPSTREAM_ERRORS.source = None
         for t in self._tasks:
             t.cancel()
@@ -200,41 +201,11 @@ class Relay:
                 del self.per_ip[ip]
             metrics.SESSIONS_ACTIVE.dec()
 
-    # ------------------------------------------------------------ routing glue
-
-    def candidates(self, user: SmtpUser, sender: str) -> list[Upstream]:
-        """The upstreams to try for ``sender``'s message, in order (no I/O)."""
-        owner, app, dom, own = self.store.route_view(user, domain_of(sender))
-        cfg = self.config.failover
-        return routing.route(
-            plan=owner.plan, strategy=app.strategy,
-            domain_route=self.errors.apply(dom.as_upstream()) if dom else None,
-            own=own, system=[self.errors.apply(u) for u in self.system],
-            now=time.time(),
-            rules=routing.FailoverRules(cfg.max_errors, cfg.cooldown, cfg.max_attempts),
-            rng=self.rng)
-
-    async def record_result(self, u: Upstream, result: str, reply: str) -> None:
-        """Count an attempt: 'ok' resets numerrors, 'error' increments it,
-        'refused' (a permanent 5xx about the message) leaves it alone."""
-        metrics.UPSTREAM_ATTEMPTS.labels(u.idsmtp, result).inc()
-        if result == "refused":
-            return
-        ok = result == "ok"
-        now = time.time()
-        if u.idsmtp.startswith(("system:", "domain:")):
-            self.errors.record(u.idsmtp, ok, now)
-        elif not ok or u.numerrors:     # nothing to reset: no write on the hot path
-            try:
-                await self.store.record_upstream_result(u.idsmtp, ok, now)
-            except StoreError:
-                log.exception("cannot record the result of upstream %s", u.idsmtp)
-
-    def upstream_error_counts(self) -> list[tuple[str, int]]:
-        """(upstream id, numerrors) of every upstream, for the metrics gauge."""
-        return [*self.store.upstream_error_counts(),
-                *((u.idsmtp, self.errors.apply(u).numerrors) for u in self.system),
-                *self.errors.domain_counts()]
+    @property
+    def errors(self) -> routing.ErrorBook:
+        """Upstream health (numerrors, last error) of every upstream, kept by
+        the store; delivery.py counts into it."""
+        return self.store.view.health
 
     # ------------------------------------------------------------ reload
 

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from . import metrics, replies, rewrite
+from . import metrics, replies, rewrite, routing
 from .errors import HeaderTooLarge, NotFound, StoreError
 from .maillog import message_line
 from .policy import Hold, rewrite_verdict
-from .records import Upstream
+from .records import SmtpUser, Upstream, domain_of
 from .upstream import Attempt, deliver as try_upstreams
 
 if TYPE_CHECKING:
@@ -35,6 +36,47 @@ if TYPE_CHECKING:
     from .smtp import Session
 
 log = logging.getLogger("relayd.delivery")
+
+
+def route(relay: Relay, user: SmtpUser, sender: str) -> list[Upstream]:
+    """The upstreams to try for ``sender``'s message, in order, each with its
+    current health (no I/O). Empty: no route at all."""
+    owner, app, dom, own = relay.store.route_view(user, domain_of(sender))
+    cfg = relay.config.failover
+    health = relay.store.with_health
+    return routing.route(
+        plan=owner.plan, strategy=app.strategy,
+        domain_route=health(dom.as_upstream()) if dom else None,
+        own=own, system=[health(u) for u in relay.system], now=time.time(),
+        rules=routing.FailoverRules(cfg.max_errors, cfg.cooldown, cfg.max_attempts),
+        rng=relay.rng)
+
+
+def route_generation(relay: Relay) -> tuple[int, int]:
+    """Changes whenever a route decided before may be out of date: a config
+    reload (system SMTPs) or a change to the routing records."""
+    return relay.generation, relay.store.view.generation
+
+
+def upstream_error_counts(relay: Relay) -> list[tuple[str, int]]:
+    """(upstream id, numerrors) of every upstream, for the metrics gauge."""
+    counts = {u.idsmtp: 0 for u in relay.system}
+    counts.update(relay.store.upstream_error_counts())
+    return list(counts.items())
+
+
+def recorder(relay: Relay) -> Callable[[Upstream, str, str], Awaitable[None]]:
+    """How an attempt is counted: 'ok' resets numerrors, 'error' increments
+    it, 'refused' (a permanent 5xx about the message) leaves it alone."""
+    async def record(u: Upstream, result: str, reply: str) -> None:
+        metrics.UPSTREAM_ATTEMPTS.labels(u.idsmtp, result).inc()
+        if result == "refused":
+            return
+        try:
+            await relay.store.record_upstream_result(u.idsmtp, result == "ok", time.time())
+        except StoreError:
+            log.exception("cannot record the result of upstream %s", u.idsmtp)
+    return record
 
 
 class Settlement:
@@ -79,8 +121,8 @@ async def deliver(relay: Relay, session: Session, envelope: Envelope, wire: byte
     msg_id = session.message_id()
     settlement = Settlement(relay, session.user or "", units, time.time())
     try:
-        result, reply, last = await _send(relay, session.user or "", sender, rcpts, wire,
-                                          settlement, msg_id, started)
+        result, reply, last = await _send(relay, session, sender, rcpts, wire, settlement,
+                                          started)
     except Exception:
         # STYLE 5: logged with the session id, never shown to the client.
         log.exception("session=%s unexpected error during delivery", msg_id)
@@ -99,17 +141,20 @@ async def deliver(relay: Relay, session: Session, envelope: Envelope, wire: byte
     return reply
 
 
-async def _send(relay: Relay, user_name: str, sender: str, rcpts: list[str], wire: bytes,
-                settlement: Settlement, msg_id: str, started: float
-                ) -> tuple[str, str, Attempt | None]:
-    """(result, reply, last attempt) for one message."""
-    user = relay.store.get_user(user_name)
+async def _send(relay: Relay, session: Session, sender: str, rcpts: list[str], wire: bytes,
+                settlement: Settlement, started: float) -> tuple[str, str, Attempt | None]:
+    """(result, reply, last attempt) for one message. The candidates are
+    those MAIL decided (session.route): computed once per transaction."""
+    msg_id = session.message_id()
+    user = relay.store.get_user(session.user or "")
     if user is None or not user.enabled:
         return "rejected", replies.AUTH_DISABLED, None
-    try:
-        candidates = relay.candidates(user, sender)
-    except NotFound:
-        candidates = []
+    candidates = session.route
+    if session.route_generation != route_generation(relay):
+        try:            # records changed since MAIL: an upstream may be gone
+            candidates = route(relay, user, sender)
+        except NotFound:
+            candidates = []
     if not candidates:
         return "deferred", replies.NO_UPSTREAM, None
     try:
@@ -131,7 +176,7 @@ async def _send(relay: Relay, user_name: str, sender: str, rcpts: list[str], wir
 
     cfg = relay.config
     outcome = await try_upstreams(
-        candidates, rcpts, prepare, relay.record_result, local_hostname=relay.hostname,
+        candidates, rcpts, prepare, recorder(relay), local_hostname=relay.hostname,
         connect_timeout=cfg.timeouts.connect, command_timeout=cfg.timeouts.command,
         deadline=cfg.failover.deadline, pool=relay.pool)
     metrics.DELIVERY_DURATION.observe(time.monotonic() - started)

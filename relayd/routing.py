@@ -74,20 +74,37 @@ def route(*, plan: str, strategy: str, domain_route: Upstream | None,
 
 
 class ErrorBook:
-    """numerrors/last_error for upstreams that have no database row (system
-    SMTPs, domain routes): kept in memory, keyed by the upstream id."""
+    """Upstream health: numerrors and the last error's time per upstream id,
+    the one place routing reads them (own upstreams, domain routes and
+    system SMTPs alike; the store keeps the book and a copy of own
+    upstreams' counts in their rows)."""
 
     def __init__(self) -> None:
         self._book: dict[str, tuple[int, float | None]] = {}
 
+    def get(self, idsmtp: str) -> tuple[int, float | None]:
+        return self._book.get(idsmtp, (0, None))
+
     def apply(self, u: Upstream) -> Upstream:
-        n, last = self._book.get(u.idsmtp, (0, None))
+        n, last = self.get(u.idsmtp)
+        if (n, last) == (u.numerrors, u.last_error):
+            return u
         return replace(u, numerrors=n, last_error=last)
+
+    def set(self, idsmtp: str, n: int, last: float | None) -> None:
+        self._book[idsmtp] = (n, last)
+
+    def forget(self, idsmtps: set[str]) -> None:
+        for i in idsmtps:
+            self._book.pop(i, None)
+
+    def counts(self) -> list[tuple[str, int]]:
+        return [(k, n) for k, (n, _) in self._book.items()]
 
     def domain_counts(self) -> list[tuple[str, int]]:
         return [(k, n) for k, (n, _) in self._book.items() if k.startswith("domain:")]
 
     def record(self, idsmtp: str, ok: bool, now: float) -> int:
-        n, last = self._book.get(idsmtp, (0, None))
+        n, last = self.get(idsmtp)
         self._book[idsmtp] = (0, last) if ok else (n + 1, now)
         return self._book[idsmtp][0]

@@ -1,28 +1,26 @@
-"""The SMTP front-end: an aiosmtpd server subclass and its handler.
+"""The SMTP front-end: the aiosmtpd adapter. It parses, asks ``policy`` and
+``delivery``, and writes replies (every one a constant from replies.py).
+What aiosmtpd gets wrong for a relay is overridden here, each with the
+reason next to it; aiosmtpd offers no public extension points for these,
+so the underscore hooks overridden are pinned by tests/test_library_pins.py:
 
-The handler feeds the sans-IO decisions (policy, routing, rewrite) and
-carries out their answers; every reply it writes is a constant from
-replies.py. What aiosmtpd gets wrong for a relay is overridden here, each
-with the reason next to it:
-
-* AUTH PLAIN/LOGIN are the handler's own, async, so credentials are checked
-  against the store without blocking and a failure always gets its 535
-  (aiosmtpd's AuthResult(success=False) default would send nothing).
-* DATA is read in bulk: the end marker is searched on the buffer instead of
-  aiosmtpd's per-line loop, and the message is kept in its wire form
-  (dot-stuffed, as received): the From rewrite only touches header lines,
-  which never start with a dot, and upstream.py sends the wire form as is
-  once its line endings check out. Only <CRLF>.<CRLF> ends DATA (bare LF or
-  CR never do: RFC 5321 4.1.1.4, the SMTP-smuggling fix), and the size limit
-  is enforced while reading: past it the data is discarded, then 552 5.3.4.
+* AUTH is auth.py's (mixins): async PLAIN/LOGIN with a 535 on failure.
+* DATA is read in bulk (wire.read_data) and kept in its wire form (still
+  dot-stuffed): the From rewrite only touches header lines, which never
+  start with a dot, and upstream.py sends the wire form as is once its
+  line endings check out. Only <CRLF>.<CRLF> ends DATA (bare LF or CR never
+  do: RFC 5321 4.1.1.4, the SMTP-smuggling fix); the size limit applies
+  while reading: past it the data is discarded, then 552 5.3.4.
 * Delivery runs shielded from the client: a client that hangs up while its
-  message is with an upstream cannot make relayd forget that it was sent.
+  message is with an upstream cannot make relayd forget that it was sent;
+  any reply to DATA ends the transaction; the idle timer does not run
+  while the client waits for that reply.
 * Exceptions are logged with the session id and answered 451 4.3.0; their
   text never reaches the client.
 * Reply lines are printable US-ASCII whatever they quote (aiosmtpd echoes
-  unknown command names raw; upstream replies may be 8-bit); AUTH answers
-  are read with a bound (500 5.5.6); once relayd closes a session, nothing
-  the client pipelined behind the last reply runs.
+  unknown command names raw; upstream replies may be 8-bit); once relayd
+  closes a session, nothing the client pipelined behind the last reply
+  runs (wire.ClientReader.stop).
 * A connection holds its admission slot from accept to close, TLS
   handshakes included and bounded; EOF closes it (aiosmtpd kept it
   half-open); a failed handshake is a log line, not an error (admission.py).
@@ -31,35 +29,26 @@ with the reason next to it:
 from __future__ import annotations
 
 import asyncio
-import binascii
 import logging
 import re
 import secrets
 import time
-from base64 import b64decode, b64encode
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, TLSSetupException
+from aiosmtpd.smtp import SMTP, Envelope, TLSSetupException
 from aiosmtpd.smtp import Session as _Session
 
-from . import admission, delivery, metrics, replies
+from . import admission, auth, delivery, metrics, replies, wire
 from .errors import NotFound
 from .maillog import event
 from .policy import Verdict
-from .records import SmtpUser
-from .upstream import unstuff
+from .records import SmtpUser, Upstream
 
 if TYPE_CHECKING:
     from .daemon import Relay
 
 log = logging.getLogger("relayd.smtp")
 
-DATA_CHUNK = 256 * 1024
-# Bytes read past max_message_size before giving up on keeping the data:
-# dot stuffing adds one byte per line starting with '.', so the raw size may
-# exceed the message size a little.
-DATA_SLACK = 64 * 1024
-CRLF_DOT_CRLF = b"\r\n.\r\n"
 # What may not appear in a reply line (RFC 5321 4.2: printable US-ASCII).
 _NOT_REPLY_TEXT = re.compile(r"[^\x20-\x7e]")
 # "<local@domain>" with a dot-atom local part: nearly every MAIL/RCPT. Anything
@@ -80,6 +69,8 @@ class Session(_Session):
         self.user: str | None = None      # SMTP user name once authenticated
         self.auth_stamp: str | None = None  # its password's stamp at AUTH (SPEC 3.3)
         self.reserved = 0                 # quota units held by this envelope's RCPTs
+        self.route: list[Upstream] = []   # this transaction's candidates, decided at MAIL
+        self.route_generation = (0, 0)    # (config, records) generations they were decided under
         self.messages = 0
         self.errors = 0
 
@@ -91,7 +82,7 @@ class Session(_Session):
         return self.id if self.messages == 1 else f"{self.id}.{self.messages}"
 
 
-class RelaySMTP(SMTP):
+class RelaySMTP(auth.AuthCommands, SMTP):
     """One client connection."""
 
     def __init__(self, relay: Relay, tls: str, auth_require_tls: bool):
@@ -121,6 +112,13 @@ class RelaySMTP(SMTP):
             auth_require_tls=auth_require_tls and tls != "implicit",
             loop=asyncio.get_running_loop(),
         )
+        # The client's stream is a wire.ClientReader (bare-LF tracking, input
+        # stopped at close): the StreamReaderProtocol set-up aiosmtpd's
+        # __init__ just did, done again with that reader.
+        self.client_reader = wire.ClientReader(limit=self.line_length_limit, loop=self.loop)
+        asyncio.StreamReaderProtocol.__init__(
+            self, self.client_reader, client_connected_cb=self._cb_client_connected,
+            loop=self.loop)
 
     def _create_session(self) -> Session:
         return Session(self.loop)
@@ -132,22 +130,6 @@ class RelaySMTP(SMTP):
         if m:
             return m.group(1), arg[m.end():]
         return super()._getaddr(arg)
-
-    def _cb_client_connected(self, reader: asyncio.StreamReader,
-                             writer: asyncio.StreamWriter) -> None:
-        # aiosmtpd reads command lines with readuntil(b"\n") and strips the
-        # line ending, so "DATA\n" would open DATA like "DATA\r\n" does.
-        # Remember how the last line ended; smtp_DATA refuses a bare LF.
-        super()._cb_client_connected(reader, writer)
-        self._bare_lf = False
-        readuntil = reader.readuntil
-
-        async def readuntil_noting_bare_lf(separator: bytes = b"\n") -> bytes:
-            line = await readuntil(separator)
-            self._bare_lf = not line.endswith(b"\r\n")
-            return line
-
-        reader.readuntil = readuntil_noting_bare_lf  # type: ignore[method-assign]
 
     def _set_rset_state(self) -> None:
         # aiosmtpd discards the envelope here on RSET, HELO, EHLO and the
@@ -226,9 +208,7 @@ class RelaySMTP(SMTP):
         # command the client pipelined behind it may run. Without this, one
         # more buffered command ran before connection_lost (e.g. a 21st
         # refused RCPT after the 421 of max_errors 20).
-        reader = getattr(self, "_reader", None)
-        if reader is not None:
-            reader._buffer.clear()  # type: ignore[attr-defined]
+        self.client_reader.stop()
 
     def _timeout_cb(self) -> None:
         if getattr(self, "_delivering", False):
@@ -256,56 +236,6 @@ class RelaySMTP(SMTP):
                       client=self.session.ip)
                 await super().push(replies.TOO_MANY_ERRORS)
                 self.close()
-
-    async def smtp_AUTH(self, arg: str | None) -> None:
-        # SASL mechanism names are case-insensitive (RFC 4422 3.1); aiosmtpd
-        # matches them exactly, so "auth plain" would get 504.
-        if arg:
-            mechanism, sep, rest = arg.partition(" ")
-            arg = mechanism.upper() + sep + rest
-        if self.session is not None and self.session.authenticated:
-            # RFC 4954 4: no AUTH after a successful one (aiosmtpd's 503 has
-            # no enhanced code).
-            await self.push(replies.AUTH_ALREADY)
-            return
-        await super().smtp_AUTH(arg)
-
-    async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True,
-                             log_client_response: bool = False) -> Any:
-        """aiosmtpd's, with the client's answer read with a bound. Its
-        readline() turned an answer longer than the reader's limit into a
-        ValueError (answered 451 4.3.0 and logged as an internal error) and,
-        when the line was longer than the buffer, left the rest of it to be
-        read as commands. Now: the whole line is discarded and the reply is
-        RFC 4954's 500 5.5.6. The client's answer is never logged."""
-        raw = challenge.encode() if isinstance(challenge, str) else challenge
-        await self.push(b"334 " + (b64encode(raw) if encode_to_b64 else raw))
-        reader = self._reader
-        try:
-            try:
-                line = await reader.readuntil(b"\n")
-            except asyncio.LimitOverrunError as error:
-                await reader.readexactly(error.consumed)
-                while True:                     # up to the end of the line
-                    try:
-                        await reader.readuntil(b"\n")
-                        break
-                    except asyncio.LimitOverrunError as more:
-                        await reader.readexactly(more.consumed)
-                await self.push(replies.AUTH_LINE_TOO_LONG)
-                return MISSING
-        except asyncio.IncompleteReadError:    # the client hung up mid-AUTH
-            self.close()
-            return MISSING
-        blob = line.strip()
-        if blob == b"*":                         # RFC 4954 4: the client cancels
-            await self.push(replies.AUTH_ABORTED)
-            return MISSING
-        try:
-            return b64decode(blob, validate=True)
-        except binascii.Error:
-            await self.push(replies.AUTH_BAD_BASE64)
-            return MISSING
 
     async def smtp_STARTTLS(self, arg: str | None) -> None:
         """aiosmtpd's, bounded by timeouts.tls_handshake (SPEC 9) instead of
@@ -340,7 +270,7 @@ class RelaySMTP(SMTP):
     # -- DATA
 
     async def smtp_DATA(self, arg: str | None) -> None:
-        if getattr(self, "_bare_lf", False):
+        if self.client_reader.bare_lf:
             # The client is about to send a body; reading it as commands
             # would execute whatever SMTP it carries (SMTP smuggling).
             await self.push(replies.BARE_LF)
@@ -377,6 +307,7 @@ class RelaySMTP(SMTP):
             # transaction (RFC 5321 4.1.4, SPEC 3.8): a second DATA on this
             # envelope would deliver it without its quota units.
             self._delivering = False
+            self._reset_timeout()            # idle from the reply on, not from before it
             self._set_post_data_state()
         await self.push(status)
         if self.relay.draining:
@@ -384,53 +315,24 @@ class RelaySMTP(SMTP):
             self.close()
 
     async def _read_data(self, limit: int) -> bytes | bool | None:
-        """Read up to <CRLF>.<CRLF>; return the message in wire form (still
-        dot-stuffed, lines as received, without the end marker), False if it
-        was larger than ``limit``, None on disconnect."""
-        reader = self._reader
-        # A virtual CRLF before the first line lets one search find the end
-        # marker whether or not the body is empty.
-        buf = bytearray(b"\r\n")
-        scan = 0
-        oversize = False
+        """The DATA body in wire form (wire.read_data), False if larger than
+        ``limit``, None when the client went away or took too long."""
         # The idle timer is reset per chunk, so a client trickling bytes would
         # never time out: timeouts.data bounds the whole DATA phase.
-        deadline = self.loop.time() + self.relay.config.timeouts.data
-        while True:
-            chunk = await reader.read(DATA_CHUNK)
-            if not chunk:
-                self.close()
-                return None
-            if self.loop.time() > deadline:
-                await self.push(replies.DATA_TIMEOUT)
-                self.close()
-                return None
-            self._reset_timeout()
-            buf += chunk
-            end = buf.find(CRLF_DOT_CRLF, scan)
-            if end >= 0:
-                surplus = buf[end + 5:]
-                if surplus:
-                    # Commands sent after the end marker belong to the
-                    # command loop: give them back to the reader.
-                    reader._buffer[:0] = surplus  # type: ignore[attr-defined]
-                del buf[end + 2:]
-                break
-            if len(buf) > limit + DATA_SLACK:
-                oversize = True
-                del buf[:-4]      # keep enough to spot a marker split across reads
-            scan = max(len(buf) - 4, 0)
-        if oversize:
-            return False
-        del buf[:2]
-        # The limit is on the message, not on its stuffed form: one byte per
-        # line starting with a dot is not the client's (counted only when close).
-        if len(buf) > limit and len(unstuff(bytes(buf))) > limit:
-            return False
-        return bytes(buf)
+        try:
+            async with asyncio.timeout(self.relay.config.timeouts.data):
+                body = await wire.read_data(self.client_reader, limit, self._reset_timeout)
+        except TimeoutError:
+            await self.push(replies.DATA_TIMEOUT)
+            self.close()
+            return None
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.close()
+            return None
+        return False if body is None else body
 
 
-class RelayHandler:
+class RelayHandler(auth.AuthMechanisms):
     """aiosmtpd hooks; one instance per connection."""
 
     def __init__(self, relay: Relay):
@@ -447,74 +349,6 @@ class RelayHandler:
                 line = "250-AUTH PLAIN LOGIN"
             out.append(line)
         return out
-
-    # -- AUTH (RFC 4954, RFC 4616)
-
-    async def auth_PLAIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            blob = await server.challenge_auth("")
-            if blob is MISSING:
-                return AuthResult(success=False, handled=True)
-        else:
-            blob = await self._b64(server, args[1])
-            if blob is None:
-                return AuthResult(success=False, handled=True)
-        parts = blob.split(b"\0")
-        if len(parts) != 3:
-            await server.push(replies.AUTH_CANNOT_SPLIT)
-            return AuthResult(success=False, handled=True)
-        return await self._check(server, parts[1], parts[2])
-
-    async def auth_LOGIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            login = await server.challenge_auth(server.AuthLoginUsernameChallenge)
-        else:
-            login = await self._b64(server, args[1])
-        if login is MISSING or login is None:
-            return AuthResult(success=False, handled=True)
-        password = await server.challenge_auth(server.AuthLoginPasswordChallenge)
-        if password is MISSING:
-            return AuthResult(success=False, handled=True)
-        return await self._check(server, login, password)
-
-    @staticmethod
-    async def _b64(server: RelaySMTP, text: str) -> bytes | None:
-        try:
-            return b64decode(text.encode("ascii"), validate=True)
-        except (binascii.Error, ValueError, UnicodeEncodeError):
-            await server.push(replies.AUTH_BAD_BASE64)
-            return None
-
-    async def _check(self, server: RelaySMTP, login: bytes, password: bytes) -> AuthResult:
-        session: Session = server.session
-        relay = self.relay
-        now = time.monotonic()
-        if relay.throttle.locked(session.ip, now):
-            metrics.AUTH_ATTEMPTS.labels("locked_out").inc()
-            await server.push(replies.AUTH_LOCKED_OUT)
-            server.close()
-            return AuthResult(success=False, handled=True)
-        try:
-            name, secret = login.decode("utf-8"), password.decode("utf-8")
-        except UnicodeDecodeError:
-            name, secret = "", ""
-        user = relay.store.check_password(name, secret) if name and secret else None
-        if user is None:
-            metrics.AUTH_ATTEMPTS.labels("failure").inc()
-            locked = relay.throttle.failure(session.ip, now)
-            # Only a real user name is logged: what a client typed into the
-            # user field may be its password.
-            known = relay.store.get_user(name) is not None
-            event(log, logging.INFO, "auth_failed", session=session.id, client=session.ip,
-                  user=name if known else "(unknown)", locked=locked)
-            return AuthResult(success=False, handled=False, message=replies.AUTH_INVALID)
-        if not user.enabled:
-            metrics.AUTH_ATTEMPTS.labels("disabled").inc()
-            return AuthResult(success=False, handled=False, message=replies.AUTH_DISABLED)
-        metrics.AUTH_ATTEMPTS.labels("success").inc()
-        session.user = user.name
-        session.auth_stamp = relay.store.credential_stamp(user.name)
-        return AuthResult(success=True, auth_data=user.name, message=replies.AUTH_OK)
 
     # -- envelope
 
@@ -562,9 +396,11 @@ class RelayHandler:
         if not user.enabled:
             return replies.AUTH_DISABLED
         try:
-            if not relay.candidates(user, address):
-                return replies.NO_UPSTREAM
+            session.route = delivery.route(relay, user, address)
         except NotFound:
+            session.route = []
+        session.route_generation = delivery.route_generation(relay)
+        if not session.route:
             return replies.NO_UPSTREAM
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)

@@ -29,11 +29,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiosmtplib
-from aiosmtplib.protocol import normalize_message_line_endings
 
 from .errors import UpstreamError
 from .pool import Pool, quit_politely
 from .records import Upstream
+from .wire import wire_data
 
 log = logging.getLogger("relayd.upstream")
 
@@ -58,45 +58,6 @@ def _reply(code: int | None, message: str) -> str:
     return f"{code} {text}" if code else text
 
 
-def wire_data(message: bytes, *, stuffed: bool = False) -> tuple[bytes, ...]:
-    """The bytes to send after DATA: CRLF line endings, dot-stuffed (RFC 5321
-    4.5.2), ending with <CRLF>.<CRLF>.
-
-    ``stuffed``: ``message`` is already in wire form, as relayd received it
-    (smtp.py keeps it so): then the common case costs three C-speed counts
-    and no copy. A plain message is stuffed with one bytes.replace. Only a
-    message with bare CR or LF goes through aiosmtplib's per-line
-    normaliser, which turns each into CRLF; that also defuses SMTP smuggling
-    downstream: a bare "\n.\n" can never reach an upstream as a line holding
-    a lone dot.
-    """
-    crlf = message.count(b"\r\n")
-    if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
-        if stuffed:
-            message, stuffed = unstuff(message), False
-        message = normalize_message_line_endings(message)
-    if not stuffed:
-        message = stuff(message)
-    if message and not message.endswith(b"\r\n"):
-        return message, b"\r\n.\r\n"
-    return message, b".\r\n"
-
-
-def stuff(message: bytes) -> bytes:
-    """Dot-stuff a message whose lines end in CRLF (RFC 5321 4.5.2)."""
-    if b"\r\n." in message:
-        message = message.replace(b"\r\n.", b"\r\n..")
-    return b"." + message if message.startswith(b".") else message
-
-
-def unstuff(wire: bytes) -> bytes:
-    """Undo dot-stuffing: the first dot of every line that starts with one
-    (lines end in CRLF only, as relayd's DATA reader reads them)."""
-    if b"\r\n.." in wire:
-        wire = wire.replace(b"\r\n..", b"\r\n.")
-    return wire[1:] if wire.startswith(b"..") else wire
-
-
 @dataclass
 class Progress:
     """How far one attempt got: ``dot`` once the whole message, final dot
@@ -107,24 +68,22 @@ class Progress:
 
 async def _data(client: aiosmtplib.SMTP, chunks: tuple[bytes, ...],
                 progress: Progress) -> aiosmtplib.SMTPResponse:
-    """DATA with a payload already in wire form (see wire_data), written as
-    is. aiosmtplib's data() would normalise and stuff it again, line by line
-    with regexes: the largest CPU cost of relaying a big message. This uses
-    the same protocol calls as its execute_data_command (aiosmtplib 5)."""
+    """DATA with a payload already in wire form (see wire.wire_data), written
+    as is: aiosmtplib's data() would normalise and stuff it again, line by
+    line with regexes, the largest CPU cost of relaying a big message. Its
+    public calls only: the DATA command, then the protocol's write and
+    read_response (which expects the reply it is called for; nothing else
+    runs on a connection the pool has lent to one transaction)."""
+    start = await client.execute_command(b"DATA")
+    if start.code != 354:
+        raise aiosmtplib.SMTPDataError(start.code, start.message)
     protocol = client.protocol
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    async with protocol._command_lock:
-        protocol._response_pending = True
-        protocol.write(b"DATA\r\n")
-        start = await protocol.read_response(timeout=client.timeout)
-        if start.code != 354:
-            raise aiosmtplib.SMTPDataError(start.code, start.message)
-        protocol._response_pending = True
-        for chunk in chunks:
-            protocol.write(chunk)
-        progress.dot = True
-        response = await protocol.read_response(timeout=client.timeout)
+    for chunk in chunks:
+        protocol.write(chunk)
+    progress.dot = True
+    response = await protocol.read_response(timeout=client.timeout)
     if response.code != 250:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
     return response
@@ -174,6 +133,37 @@ def _unconfirmed(exc: BaseException, command_timeout: float) -> UpstreamError:
     else:
         what = "connection lost after the message was sent"
     return UpstreamError(what, unconfirmed=True)
+
+
+def _classify(exc: BaseException, progress: Progress, command_timeout: float
+              ) -> UpstreamError:
+    """An attempt's failure as relayd reports it: an SMTP reply (permanent
+    when 5xx), unconfirmed after the final dot, else a connection error."""
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        reply = _reply(exc.code, exc.message)
+        if isinstance(exc, aiosmtplib.SMTPRecipientRefused):
+            reply += f" (recipient {exc.recipient})"
+        return UpstreamError(reply, permanent=is_permanent(exc.code), code=exc.code)
+    if progress.dot:
+        return _unconfirmed(exc, command_timeout)
+    return _connection_error(exc)
+
+
+def _dropped(exc: BaseException) -> bool:
+    """The server closed the connection: a disconnect, or its 421."""
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return exc.code == 421
+    return isinstance(exc, (aiosmtplib.SMTPServerDisconnected, ConnectionError))
+
+
+async def _hand_back(pool: Pool | None, u: Upstream, client: aiosmtplib.SMTP,
+                     keep: bool) -> None:
+    if pool is not None:
+        (pool.release if keep else pool.discard)(u, client)
+    elif keep:
+        await quit_politely(client)
+    else:
+        client.close()
 
 
 def _connection_error(exc: BaseException) -> UpstreamError:
@@ -228,33 +218,18 @@ async def send_once(u: Upstream, sender: str, recipients: Sequence[str], message
             response = await _data(client, payload, progress)
             keep = _in_step(client)
             return _reply(response.code, response.message)
-        except aiosmtplib.SMTPResponseException as exc:
-            if reused and before_data and exc.code == 421 and not retry:
-                continue        # the server closed an idle pooled connection
-            # SMTPRecipientRefused / SMTPSenderRefused / SMTPDataError: the
-            # dialogue is in step; the next use starts with RSET.
-            keep = exc.code != 421 and _in_step(client)
-            reply = _reply(exc.code, exc.message)
-            if isinstance(exc, aiosmtplib.SMTPRecipientRefused):
-                reply += f" (recipient {exc.recipient})"
-            raise UpstreamError(reply, permanent=is_permanent(exc.code), code=exc.code) from None
-        except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
-            if reused and before_data and not retry:
-                continue        # stale pooled connection: once more, fresh
-            if progress.dot:
-                raise _unconfirmed(exc, command_timeout) from None
-            raise _connection_error(exc) from None
         except (aiosmtplib.SMTPException, OSError) as exc:
-            if progress.dot:
-                raise _unconfirmed(exc, command_timeout) from None
-            raise _connection_error(exc) from None
+            # A reused connection dead before DATA (a 421 or a disconnect:
+            # the server dropped it while idle) is retried once, fresh.
+            if reused and before_data and not retry and _dropped(exc):
+                continue
+            if isinstance(exc, aiosmtplib.SMTPResponseException):
+                # SMTPRecipientRefused / SMTPSenderRefused / SMTPDataError:
+                # the dialogue is in step; the next use starts with RSET.
+                keep = exc.code != 421 and _in_step(client)
+            raise _classify(exc, progress, command_timeout) from None
         finally:
-            if pool is not None:
-                (pool.release if keep else pool.discard)(u, client)
-            elif keep:
-                await quit_politely(client)
-            else:
-                client.close()
+            await _hand_back(pool, u, client, keep)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -310,11 +285,14 @@ Record = Callable[[Upstream, str, str], Awaitable[None]]
 
 async def deliver(candidates: Sequence[Upstream], recipients: Sequence[str], prepare: Prepare,
                   record: Record, *, local_hostname: str, connect_timeout: float,
-                  command_timeout: float, deadline: float, pool: Pool | None = None) -> Outcome:
+                  command_timeout: float, deadline: float, pool: Pool | None = None,
+                  send: Callable[..., Awaitable[str]] | None = None) -> Outcome:
     """Try ``candidates`` in order until one accepts, a permanent refusal, an
     unconfirmed attempt, or ``deadline`` seconds pass (SPEC 3.7, 3.8).
     ``prepare`` returns each upstream's message in DATA wire form
-    (dot-stuffed, as received)."""
+    (dot-stuffed, as received). ``send`` is one attempt (send_once; tests
+    pass their own)."""
+    send = send or send_once
     outcome = Outcome()
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline
@@ -327,11 +305,11 @@ async def deliver(candidates: Sequence[Upstream], recipients: Sequence[str], pre
         progress = Progress()
         try:
             async with asyncio.timeout(remaining):
-                reply = await send_once(u, sender, recipients, message,
-                                        local_hostname=local_hostname,
-                                        connect_timeout=min(connect_timeout, remaining),
-                                        command_timeout=command_timeout, pool=pool,
-                                        stuffed=True, progress=progress)
+                reply = await send(u, sender, recipients, message,
+                                   local_hostname=local_hostname,
+                                   connect_timeout=min(connect_timeout, remaining),
+                                   command_timeout=command_timeout, pool=pool,
+                                   stuffed=True, progress=progress)
         except TimeoutError:
             err = UpstreamError(f"failover deadline of {deadline:g} s reached"
                                 + (" after the message was sent" if progress.dot else ""),

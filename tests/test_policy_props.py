@@ -220,7 +220,7 @@ def test_route_respects_priority_cooldown_and_cap(own, system, plan, strategy, m
 
 # -------------------------------------------------------------- DATA wire form
 # relayd keeps a message in the dot-stuffed form it was received in and
-# sends it upstream as is (upstream.wire_data(..., stuffed=True)); these
+# sends it upstream as is (wire.wire_data(..., stuffed=True)); these
 # properties pin that this equals stuffing the plain message afresh.
 
 LINES = st.lists(st.sampled_from([b"", b".", b"..", b".x", b"x.", b"text", b"\x00", b"\xc3\xa9",
@@ -230,7 +230,7 @@ LINES = st.lists(st.sampled_from([b"", b".", b"..", b".x", b"x.", b"text", b"\x0
 @given(st.binary(max_size=200))
 @example(b"..\r\n..\r\n.")
 def test_unstuff_inverts_stuff(message):
-    from relayd.upstream import stuff, unstuff
+    from relayd.wire import stuff, unstuff
     assert unstuff(stuff(message)) == message
 
 
@@ -238,7 +238,7 @@ def test_unstuff_inverts_stuff(message):
 @example([b".", b""])
 @example([b"a\nb", b".x"])
 def test_sending_the_received_wire_form_equals_stuffing_the_message(lines):
-    from relayd.upstream import stuff, wire_data
+    from relayd.wire import stuff, wire_data
     message = b"".join(line + b"\r\n" for line in lines)
     # What a client sends after DATA for this message (RFC 5321 4.5.2), and
     # what relayd's reader keeps of it.
