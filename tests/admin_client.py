@@ -1,6 +1,6 @@
 """An asyncio HTTP/1.1 client for the admin socket (Unix or TCP), built on h11,
-plus raw-bytes helpers for hostile-input tests and small record helpers the
-admin test files share."""
+plus raw-bytes helpers for hostile-input tests, small record helpers the
+admin test files share, and a scraper for the metrics listener."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import h11
-import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from relayd.daemon import Relay
 
@@ -165,26 +165,7 @@ async def new_owner(client: AdminClient, plan: str = "free") -> Owner:
     return Owner(d["owner_id"], d["token"], d["idapp"], d["plan"])
 
 
-# ------------------------------------------------------------ fixtures
-# Test modules import these by name (pytest uses fixtures a module imports).
-
-@pytest.fixture
-async def admin(relay: Relay) -> Any:
-    """A keep-alive client on the Unix admin socket."""
-    async with unix_client(relay) as client:
-        yield client
-
-
-@pytest.fixture
-async def owner(admin: AdminClient) -> Owner:
-    return await new_owner(admin)
-
-
-@pytest.fixture
-async def other(admin: AdminClient) -> Owner:
-    """A second owner, for tenant isolation."""
-    return await new_owner(admin)
-
+# ------------------------------------------------------------ records through the API
 
 async def new_app(client: AdminClient, owner: Owner, *, strategy: str = "random",
                   test_email: str | None = None, name: str = "app") -> str:
@@ -204,3 +185,25 @@ async def http_get(port: int, path: str) -> tuple[int, bytes]:
     writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")
     return int(head.split()[1]), body
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape(port: int) -> Samples:
+    """Every sample of the metrics listener's /metrics, by (name, labels)."""
+    status, body = await http_get(port, "/metrics")
+    assert status == 200
+    out: Samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    """How far one sample moved between two scrapes. Counters live in one
+    process-wide registry (every in-process relay of the test run adds to
+    them), so tests assert deltas, never absolute values."""
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)

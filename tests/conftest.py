@@ -4,7 +4,8 @@
   per sink (accept, 451, 550, hang, require AUTH, STARTTLS, implicit TLS).
 * ``relay_factory`` starts relayd in-process (the real Relay, listeners,
   store and admin socket) on a temporary state dir.
-* ``provision`` creates owner/app/user/upstream records through the store.
+* ``provision`` creates owner/app/user/upstream records through the store
+  (helpers_records.py, shared with the subprocess tests).
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ import pytest
 import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from helpers_records import Tenant, create_tenant
 from relayd import config as config_mod
 from relayd import maillog
 from relayd.daemon import Relay
+
+from admin_client import AdminClient, Owner, new_owner, unix_client
 
 maillog.setup("debug")
 
@@ -175,8 +179,11 @@ async def sink_factory(server_ssl: ssl.SSLContext) -> AsyncIterator[Callable[...
     sinks: list[Sink] = []
 
     async def make(mode: str = "accept", *, tls: str = "none", username: str | None = None,
-                   password: str | None = None) -> Sink:
-        """tls: none | starttls | implicit. With username, AUTH is required."""
+                   password: str | None = None, require_starttls: bool = True) -> Sink:
+        """tls: none | starttls | implicit. A starttls sink refuses mail
+        before STARTTLS unless ``require_starttls=False`` (it then offers
+        STARTTLS and takes plain sessions too). With username, AUTH is
+        required."""
         sink = Sink(mode=mode, username=username, password=password)
         loop = asyncio.get_running_loop()
 
@@ -184,7 +191,7 @@ async def sink_factory(server_ssl: ssl.SSLContext) -> AsyncIterator[Callable[...
             sink.connections += 1
             protocol = SMTP(sink, hostname="sink.test", data_size_limit=None,
                             tls_context=server_ssl if tls == "starttls" else None,
-                            require_starttls=tls == "starttls",
+                            require_starttls=tls == "starttls" and require_starttls,
                             authenticator=sink.authenticate if username else None,
                             auth_required=bool(username),
                             auth_require_tls=False, loop=loop)
@@ -256,30 +263,15 @@ async def relay(relay_factory: Callable[..., Any]) -> Relay:
     return await relay_factory()
 
 
-@dataclass
-class Tenant:
-    owner_id: str
-    token: str
-    idapp: str
-    user: str
-    password: str
-
-
 @pytest.fixture
 def provision() -> Callable[..., Any]:
     """provision(relay, plan=, strategy=, total=, hourly=, upstreams=[dict...])
-    -> Tenant. Each upstream dict holds store fields; ``idapp`` is filled in."""
+    -> Tenant, through the relay's store (helpers_records.create_tenant; a
+    subprocess relayd gets the same from helpers_records.provision_db).
+    Each upstream dict holds store fields; ``idapp`` is filled in."""
 
-    async def make(relay: Relay, *, plan: str = "free", strategy: str = "random",
-                   total: int = 1000, hourly: int = 1000,
-                   upstreams: list[dict[str, Any]] | None = None) -> Tenant:
-        owner, token, app = await relay.store.create_owner(plan)
-        if strategy != app.strategy:
-            await relay.store.update_app(app.idapp, strategy=strategy)
-        for fields in upstreams or []:
-            await relay.store.create_upstream({"idapp": app.idapp, **fields})
-        user, password = await relay.store.create_user(owner.owner_id, app.idapp, total, hourly)
-        return Tenant(owner.owner_id, token, app.idapp, user.name, password)
+    async def make(relay: Relay, **kwargs: Any) -> Tenant:
+        return await create_tenant(relay.store, **kwargs)
 
     return make
 
@@ -304,3 +296,23 @@ def simple_message(sender: str = "app@example.com", to: str = "rcpt@example.net"
                    subject: str = "hello", body: str = "Hello.\r\n") -> bytes:
     return (f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\n"
             f"Message-ID: <m1@example.com>\r\n\r\n{body}").encode()
+
+
+# ---------------------------------------------------------------- admin API clients
+
+@pytest.fixture
+async def admin(relay: Relay) -> Any:
+    """A keep-alive client on the Unix admin socket."""
+    async with unix_client(relay) as client:
+        yield client
+
+
+@pytest.fixture
+async def owner(admin: AdminClient) -> Owner:
+    return await new_owner(admin)
+
+
+@pytest.fixture
+async def other(admin: AdminClient) -> Owner:
+    """A second owner, for tenant isolation."""
+    return await new_owner(admin)

@@ -1,7 +1,7 @@
 """Small helpers for the SMTP-core tests: a raw SMTP client that shows every
 byte and every reply line (aiosmtplib would normalise, pipeline-check and
 dot-stuff for us, which is exactly what hostile-input tests must not do),
-plus message builders and log helpers.
+plus message builders (the smuggling payload among them) and log helpers.
 
 Everything binds 127.0.0.1 only; ports come from the fixtures (port 0).
 """
@@ -204,6 +204,19 @@ def mail_lines(records: list[logging.LogRecord]) -> list[dict[str, str]]:
 
 
 # ---------------------------------------------------------------- messages
+
+# An SMTP transaction hidden in a DATA body behind a fake end marker (SMTP
+# smuggling): it must never reach an upstream as a second message.
+SMUGGLED = (b"MAIL FROM:<evil@attacker.test>\r\nRCPT TO:<victim@example.org>\r\n"
+            b"DATA\r\nFrom: evil@attacker.test\r\n\r\nsmuggled\r\n")
+
+
+def normalised(data: bytes) -> bytes:
+    """Line endings as an upstream gets them: a lone CR or LF becomes CRLF
+    (relayd does this; an upstream never sees a bare LF it could take for an
+    end-of-data marker)."""
+    return re.sub(rb"\r\n|\n|\r(?!\n)", b"\r\n", data)
+
 
 def dot_stuff(data: bytes) -> bytes:
     """RFC 5321 4.5.2 transparency for a CRLF message."""

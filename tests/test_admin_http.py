@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from admin_client import AdminClient, admin, raw_exchange, status_of  # noqa: F401
+from admin_client import AdminClient, raw_exchange, status_of
 from relayd.admin import http
 
 MIB = 1 << 20

@@ -10,7 +10,7 @@ import stat
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from admin_client import AdminClient, admin, new_app, new_owner, owner  # noqa: F401
+from admin_client import AdminClient, new_app, new_owner
 from conftest import base_config
 from relayd import config as config_mod
 from relayd.daemon import Relay

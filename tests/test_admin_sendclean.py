@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from admin_client import AdminClient, admin, new_app, other, owner  # noqa: F401 (fixtures)
+from admin_client import AdminClient, new_app
 
 ADD = "/settings/addSmtp"
 EDIT = "/settings/editSmtp"

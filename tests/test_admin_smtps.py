@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from admin_client import admin, new_app, other, owner  # noqa: F401 (fixtures)
+from admin_client import new_app
 
 SAVE = "/private/smtps/save"
 BY_APP = "/private/smtps/findByApp"

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 
-from admin_client import admin, other, owner  # noqa: F401 (fixtures)
 
 PATH = "/api/v2/email/settings"
 

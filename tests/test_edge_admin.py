@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from admin_client import AdminClient, admin, new_owner, owner, status_of  # noqa: F401
+from admin_client import AdminClient, new_owner, status_of
 from relayd.admin import http
 
 CHECK = "/private/smtps/check"

@@ -12,9 +12,9 @@ import aiosmtplib
 import pytest
 
 from conftest import base_config, simple_message, sink_upstream, smtp_client
+from helpers_records import provision_db
 from relayd.store import Store
 from relayd_proc import RelaydProcess
-from test_signals import provision_db
 
 
 class DiesInData(asyncio.Protocol):
@@ -105,7 +105,7 @@ async def test_kill_9_during_burst_never_undercounts(tmp_path: Path, sink_factor
     sink = await sink_factory()
     cfg = base_config(tmp_path, metrics={"listen": None})
     state = Path(cfg["state_dir"])
-    tenant = await provision_db(state, sink.port)
+    tenant = await provision_db(state, upstreams=[sink_upstream(sink)])
     proc = await RelaydProcess.start(cfg, tmp_path / "relayd.yaml")
     port = proc.smtp_ports[0]
     clients = 8

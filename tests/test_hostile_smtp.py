@@ -34,15 +34,13 @@ from typing import Any
 import pytest
 
 from conftest import simple_message, sink_upstream
-from helpers_smtp import (ConnectionClosed, RawSMTP, Reply, authed, b64, open_data, plain_blob,
-                          wait_for)
-from test_smtp_replies import SMUGGLED, normalised
+from helpers_smtp import (SMUGGLED, ConnectionClosed, RawSMTP, Reply, authed, b64, normalised,
+                          open_data, plain_blob, wait_for)
 
 SENDER = "app@example.com"
 RCPT = "to@example.net"
 MSG = simple_message()
 ENVELOPE = f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RCPT}>\r\n".encode()
-MAYBE = "one-or-none"      # upstream outcome decided by a race the client cannot see
 
 # Placeholders filled in with the tenant's credentials when a case runs.
 PLAIN = b"@PLAIN@"          # base64 of \0user\0password
@@ -84,9 +82,9 @@ class Case:
     id: str
     stage: str                   # banner | ehlo | auth | mail | rcpt | data: reached first
     send: bytes | tuple[bytes, ...]   # one write, or separate writes (placeholders filled in)
-    expect: tuple[str, ...]      # one pattern per reply: "250", "5xx", "553 5.1.7", "501|553"
+    expect: tuple[str, ...]      # one pattern per reply: "250", "5xx", "553 5.1.7"
     end: str = "open"            # open | closed (by relayd) | abort (RST) | fin (client close)
-    upstream: bytes | str | None = None   # exact data of the one message upstream, MAYBE, None
+    upstream: bytes | None = None   # exact data of the one message upstream, or None
     rcpts: int = 1               # recipients of that message
     refused: bool = False        # upstream None: relayd tried once and the upstream refused
     config: dict[str, Any] = field(default_factory=dict)
@@ -261,11 +259,14 @@ HOSTILE: list[Case] = [
     # address all the same); the line after it is a separate, refused command.
     Case("crlf-splits-mail-address", "auth",
          b"MAIL FROM:<app@example.com\r\nRCPT TO:<victim@example.org>>\r\n", ("250", "501")),
+    # A bare CR does not end the line, so the address is followed by junk
+    # that is no ESMTP parameter: aiosmtpd's argument parser refuses the line
+    # (501 syntax) before relayd's address check (553) ever sees an address.
     Case("cr-inside-mail-address", "auth",
-         b"MAIL FROM:<app@example.com\rRCPT TO:<victim@example.org>>\r\n", ("553|501",)),
+         b"MAIL FROM:<app@example.com\rRCPT TO:<victim@example.org>>\r\n", ("501",)),
     Case("cr-bcc-inside-rcpt-address-then-send", "mail",
          b"RCPT TO:<to@example.net>\r\nRCPT TO:<to@example.net\rBcc: x@evil.test>\r\n"
-         b"DATA\r\n" + MSG + b".\r\n", ("250", "501|553", "354", "250"), upstream=MSG),
+         b"DATA\r\n" + MSG + b".\r\n", ("250", "501", "354", "250"), upstream=MSG),
     Case("lf-bcc-after-rcpt-then-send", "mail",
          b"RCPT TO:<to@example.net>\nBcc: x@evil.test\r\nDATA\r\n" + MSG + b".\r\n",
          ("250", "500", "354", "250"), upstream=MSG),
@@ -300,7 +301,11 @@ HOSTILE: list[Case] = [
     Case("hangup-mid-data", "data", MSG, (), "abort"),
     Case("fin-mid-data", "data", MSG, (), "fin"),
     Case("hangup-mid-data-after-fake-end", "data", MSG + b"\n.\n" + SMUGGLED, (), "abort"),
-    Case("hangup-right-after-end-marker", "data", MSG + b".\r\n", (), "abort", upstream=MAYBE),
+    # TCP hands relayd the whole message before the hangup, and relayd starts
+    # the delivery in the step that finds the end marker, shielded from the
+    # client (smtp.py): the message goes out once, as for a client that
+    # merely never read its 250.
+    Case("hangup-right-after-end-marker", "data", MSG + b".\r\n", (), "abort", upstream=MSG),
     # ---- limits
     Case("max-errors-then-421", "ehlo", b"FOO\r\nBAR\r\nBAZ\r\nNOOP\r\n",
          ("500", "500", "500", "421 4.7.0"), "closed", config={"limits": {"max_errors": 3}}),
@@ -333,12 +338,9 @@ def fill(data: bytes, tenant: Any) -> bytes:
 
 
 def matches(reply: Reply, pattern: str) -> bool:
-    for alternative in pattern.split("|"):
-        code, _, enhanced = alternative.partition(" ")
-        if re.fullmatch(code.replace("x", r"\d"), str(reply.code)) and (
-                not enhanced or reply.enhanced == enhanced):
-            return True
-    return False
+    code, _, enhanced = pattern.partition(" ")
+    return bool(re.fullmatch(code.replace("x", r"\d"), str(reply.code))) and (
+        not enhanced or reply.enhanced == enhanced)
 
 
 def printable(reply: Reply) -> bool:
@@ -421,9 +423,6 @@ async def test_hostile_input(case: Case, relay_factory, sink_factory, provision,
     got = sink.messages
     if case.upstream is None:
         assert got == [] and sink.transactions == int(case.refused), got
-    elif case.upstream == MAYBE:
-        assert len(got) <= 1 and sink.transactions <= 1
-        assert all(m.data == MSG for m in got)
     else:
         assert len(got) == 1 and sink.transactions == 1, got
         assert got[0].data == case.upstream
@@ -433,11 +432,6 @@ async def test_hostile_input(case: Case, relay_factory, sink_factory, provision,
     await still_answers(relay)
     # Hostile input is refused, never an internal error (451 4.3.0 + traceback).
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
-
-
-def test_the_table_holds_at_least_40_cases():
-    assert len(HOSTILE) >= 40
-    assert len({c.id for c in HOSTILE}) == len(HOSTILE)
 
 
 # ---------------------------------------------------------------- beyond the table
@@ -664,12 +658,12 @@ class RawUpstream(asyncio.Protocol):
                 self.transport.write(b"250 ok\r\n")
 
 
-@pytest.mark.parametrize("final,code,enhanced", [
-    (b"554 5.7.1 \xc3\x9cberlastet \x1b[2J\x00 refused\r\n", 554, "5.0.0"),
-    (b"451 4.3.0 \xff\xfe busy\x07 \r\n", 451, "4.4.1"),
+@pytest.mark.parametrize("final,code,enhanced,quoted", [
+    (b"554 5.7.1 \xc3\x9cberlastet \x1b[2J\x00 refused\r\n", 554, "5.0.0", "refused"),
+    (b"451 4.3.0 \xff\xfe busy\x07 \r\n", 451, "4.4.1", "busy"),
 ], ids=["permanent", "temporary"])
 async def test_upstream_reply_with_8bit_and_control_bytes(relay, provision, final, code,
-                                                          enhanced):
+                                                          enhanced, quoted):
     """Upstreams are semi-trusted: their reply text is quoted to the client
     as printable ASCII, and its class survives. (This used to raise in
     aiosmtpd's ASCII encoder, so a permanent 554 reached the client as
@@ -683,7 +677,7 @@ async def test_upstream_reply_with_8bit_and_control_bytes(relay, provision, fina
         r = await c.send_message(SENDER, [RCPT], MSG)
         assert (r.code, r.enhanced) == (code, enhanced), r
         assert printable(r), r.lines
-        assert "refused" in r.text or "busy" in r.text
+        assert quoted in r.text, r           # this upstream's own reply is quoted
         assert (await c.cmd("NOOP")).code == 250
         await c.close()
         assert relay.ledger.reserved(tenant.user) == 0

@@ -11,28 +11,12 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import base_config, simple_message, sink_upstream, smtp_client
-from admin_client import http_get
-from helpers_smtp import RawSMTP, plain_blob
+from admin_client import delta, http_get, scrape
+from helpers_records import provision_db
+from helpers_smtp import RawSMTP, authed, plain_blob, wait_for
 from relayd_proc import RelaydProcess
-from test_signals import provision_db
-
-
-async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    status, body = await http_get(port, "/metrics")
-    assert status == 200
-    out = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def delta(before: dict, after: dict, name: str, **labels: str) -> float:
-    key = (name, tuple(sorted(labels.items())))
-    return after.get(key, 0.0) - before.get(key, 0.0)
 
 
 async def test_counters_move_by_the_traffic(relay_factory, sink_factory, provision):
@@ -109,22 +93,29 @@ async def test_upstream_errors_gauge_follows_numerrors(relay, sink_factory, prov
     assert (await relay.store.get_upstream(dead)).numerrors == 2
 
 
-async def test_healthz(relay):
+async def test_healthz(relay, sink_factory, provision):
     assert await http_get(relay.metrics_port, "/healthz") == (200, b"ok\n")
-    await relay.drain(timeout=0)
-    # Not serving SMTP any more: not healthy (the listener may already be gone).
-    try:
-        status, _ = await http_get(relay.metrics_port, "/healthz")
-    except OSError:
-        status = None
-    assert status != 200
+    # An open transaction holds the drain, so /healthz can be asked during it.
+    sink = await sink_factory()
+    tenant = await provision(relay, upstreams=[sink_upstream(sink)])
+    c = await authed(relay, tenant)
+    assert (await c.cmd("MAIL FROM:<app@example.com>")).code == 250
+    drain = asyncio.create_task(relay.drain(timeout=30))
+    await wait_for(lambda: relay.draining)
+    # Not serving SMTP any more: not healthy, while the listener still answers.
+    assert await http_get(relay.metrics_port, "/healthz") == (503, b"unavailable\n")
+    await c.close()
+    await drain
+    # Drained: relayd has closed every listener, the metrics one included.
+    with pytest.raises(ConnectionRefusedError):
+        await http_get(relay.metrics_port, "/healthz")
 
 
 @pytest.mark.slow
 async def test_reload_counters(tmp_path: Path, sink_factory):
     sink = await sink_factory()
     cfg = base_config(tmp_path)
-    await provision_db(Path(cfg["state_dir"]), sink.port)
+    await provision_db(Path(cfg["state_dir"]), upstreams=[sink_upstream(sink)])
     import yaml
     proc = await RelaydProcess.start(cfg, tmp_path / "relayd.yaml")
     try:

@@ -239,7 +239,9 @@ async def test_concurrent_sessions_never_exceed_the_hourly_limit(relay, sink_fac
         accepted = 0
         for j in range(per_session):
             r = await c.cmd(f"RCPT TO:<s{i}r{j}@example.net>")
-            assert r.code in (250, 451), r
+            # Which RCPTs win the race is up to the scheduler; each one is
+            # either accepted or refused as over the hourly limit (SPEC 3.4).
+            assert (r.code, r.enhanced) in ((250, "2.1.5"), (451, "4.7.1")), r
             accepted += r.code == 250
         if accepted:
             r = await finish_data(c)

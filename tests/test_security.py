@@ -516,7 +516,7 @@ async def test_smtp_exception_text_never_reaches_the_client(relay, provision, mo
     def broken(*args: Any) -> Any:
         raise RuntimeError(f"{detail} at /var/lib/relayd/relayd.db")
 
-    monkeypatch.setattr(relay, "candidates", broken)
+    monkeypatch.setattr("relayd.delivery.route", broken)
     c = await RawSMTP.open(relay.smtp_ports[0])
     await c.ehlo()
     await c.login(tenant.user, tenant.password)

@@ -11,24 +11,11 @@ import aiosmtplib
 import pytest
 import yaml
 
-from conftest import Tenant, base_config, simple_message
-from relayd.store import Store
+from conftest import base_config, simple_message, sink_upstream
+from helpers_records import Tenant, provision_db
 from relayd_proc import RelaydProcess
 
 pytestmark = pytest.mark.slow
-
-
-async def provision_db(state_dir: Path, sink_port: int) -> Tenant:
-    """Create owner/app/upstream/user in relayd's database before it starts."""
-    store = Store(state_dir / "relayd.db")
-    await store.open()
-    try:
-        owner, token, app = await store.create_owner("free")
-        await store.create_upstream({"idapp": app.idapp, "host": "127.0.0.1", "port": sink_port})
-        user, password = await store.create_user(owner.owner_id, app.idapp, 1000, 1000)
-    finally:
-        await store.close()
-    return Tenant(owner.owner_id, token, app.idapp, user.name, password)
 
 
 @pytest.fixture
@@ -39,7 +26,7 @@ async def started(tmp_path: Path, sink_factory: Any):
     async def start(**overrides: Any):
         sink = await sink_factory()
         cfg = base_config(tmp_path, metrics={"listen": None}, **overrides)
-        tenant = await provision_db(Path(cfg["state_dir"]), sink.port)
+        tenant = await provision_db(Path(cfg["state_dir"]), upstreams=[sink_upstream(sink)])
         proc = await RelaydProcess.start(cfg, tmp_path / "relayd.yaml")
         procs.append(proc)
         return proc, tenant, sink, cfg

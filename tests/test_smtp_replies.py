@@ -16,7 +16,8 @@ import pytest
 
 from conftest import simple_message, sink_upstream
 from helpers_smtp import (
-    ConnectionClosed, RawSMTP, authed, b64, dot_stuff, plain_blob, upstream_by_port, wait_for)
+    SMUGGLED, ConnectionClosed, RawSMTP, authed, b64, dot_stuff, normalised, plain_blob,
+    upstream_by_port, wait_for)
 
 SENDER = "app@example.com"
 MSG = simple_message()
@@ -486,27 +487,19 @@ async def test_control_characters_in_addresses_are_refused(relay, sink_factory, 
     sink = await sink_factory()
     tenant = await provision(relay, upstreams=[sink_upstream(sink)])
     c = await authed(relay, tenant)
+    # The command is well-formed (aiosmtpd's 501 is for syntax errors), so it
+    # is relayd's own address check that refuses it: 553, with the sender's
+    # or the recipient's enhanced code.
     r = await c.cmd(f"MAIL FROM:<{address}>".encode())
-    assert r.code in (501, 553), r
+    assert (r.code, r.enhanced) == (553, "5.1.7"), r
     assert (await c.cmd(f"MAIL FROM:<{SENDER}>")).code == 250
     r = await c.cmd(f"RCPT TO:<{address}>".encode())
-    assert r.code in (501, 553), r
+    assert (r.code, r.enhanced) == (553, "5.1.3"), r
     assert relay.ledger.reserved(tenant.user) == 0
     await c.close()
 
 
 # ------------------------------------------------------------------ DATA framing / smuggling
-
-SMUGGLED = (b"MAIL FROM:<evil@attacker.test>\r\nRCPT TO:<victim@example.org>\r\n"
-            b"DATA\r\nFrom: evil@attacker.test\r\n\r\nsmuggled\r\n")
-
-
-def normalised(data: bytes) -> bytes:
-    """Line endings as an upstream gets them: a lone CR or LF becomes CRLF
-    (aiosmtplib does this; an upstream never sees a bare LF it could take
-    for an end-of-data marker)."""
-    return re.sub(rb"\r\n|\n|\r(?!\n)", b"\r\n", data)
-
 
 @pytest.mark.parametrize("fake_end", [b"\n.\n", b"\r\n.\r", b"\n.\r\n", b"\r.\r\n", b"\r\n.\n",
                                       b"\n.\r", b"\r.\r"],
@@ -517,19 +510,16 @@ async def test_only_crlf_dot_crlf_ends_data(relay, sink_factory, provision, fake
     c = await authed(relay, tenant)
     body = MSG + b"first part" + fake_end + SMUGGLED + b"last line\r\n"
     r = await c.send_message(SENDER, ["to@example.net"], body)
-    # Either refused, or relayed exactly once and intact (SPEC 3.10).
-    if r.code == 250:
-        assert len(sink.messages) == 1
-        got = sink.messages[0]
-        assert got.mail_from == SENDER and got.rcpt_tos == ["to@example.net"]
-        assert got.data == normalised(body)
-    else:
-        assert r.code >= 500 and sink.messages == []
+    # SPEC 3.10 allows refusing such a body or relaying it once, intact;
+    # relayd relays it (README "DATA framing"): one message, the fake marker
+    # inside it, line endings made CRLF.
+    assert r.code == 250 and "queued as" in r.text, r
+    assert [(m.mail_from, m.rcpt_tos, m.data) for m in sink.messages] == [
+        (SENDER, ["to@example.net"], normalised(body))]
     # The smuggled commands were never executed; the session is in step.
     r = await c.cmd("QUIT")
     assert r.code == 221
-    assert all(m.mail_from != "evil@attacker.test" for m in sink.messages)
-    assert len(sink.messages) <= 1
+    assert len(sink.messages) == 1
     await c.close()
 
 
@@ -541,15 +531,13 @@ async def test_bare_lf_data_command_never_opens_data(relay, sink_factory, provis
     assert (await c.cmd("RCPT TO:<to@example.net>")).code == 250
     c.write(b"DATA\n")
     r = await c.reply()
-    assert r.code != 354 and r.code >= 500, r
-    # Whatever follows is not a message (here the connection is closed).
+    assert (r.code, r.enhanced) == (500, "5.5.2"), r
+    # What follows is not a message, nor commands: relayd has closed the
+    # connection (README: its body would run as commands), so not one more
+    # reply comes.
     c.write(MSG + b".\r\n" + SMUGGLED + b".\r\n")
-    try:
-        while True:
-            r = await c.reply()
-            assert r.code != 250 or "queued" not in r.text, r
-    except (ConnectionClosed, ConnectionError):
-        pass
+    with pytest.raises((ConnectionClosed, ConnectionError)):
+        await c.reply()
     await c.close()
     await wait_for(lambda: not relay.sessions)
     assert sink.messages == []
@@ -562,10 +550,9 @@ async def test_nul_and_8bit_bytes_are_relayed_intact(relay, sink_factory, provis
     c = await authed(relay, tenant)
     body = MSG + b"nul:\x00: high:\xff\xfe\x80: utf8:" + "日本語".encode() + b"\r\n"
     r = await c.send_message(SENDER, ["to@example.net"], body)
-    if r.code == 250:
-        assert [m.data for m in sink.messages] == [body]
-    else:
-        assert r.code >= 500 and sink.messages == []
+    # SPEC 3.10 allows refusing or relaying; relayd relays (README).
+    assert r.code == 250 and "queued as" in r.text, r
+    assert [m.data for m in sink.messages] == [body]
     await c.close()
 
 
