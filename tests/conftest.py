@@ -26,6 +26,7 @@ from helpers_records import Tenant, create_tenant
 from relayd import config as config_mod
 from relayd import maillog
 from relayd.daemon import Relay
+from relayd.store import Store
 
 from admin_client import AdminClient, Owner, new_owner, unix_client
 
@@ -239,6 +240,15 @@ def base_config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
         else:
             data[key] = value
     return data
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    """A real, open SQLite store on a temporary file (no relayd around it)."""
+    s = Store(tmp_path / "state" / "relayd.db")
+    await s.open()
+    yield s
+    await s.close()
 
 
 @pytest.fixture

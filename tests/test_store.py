@@ -15,14 +15,6 @@ from relayd.errors import NotFound, StoreError
 from relayd.store import SCHEMA_VERSION, Store
 
 
-@pytest.fixture
-async def store(tmp_path: Path):
-    s = Store(tmp_path / "state" / "relayd.db")
-    await s.open()
-    yield s
-    await s.close()
-
-
 async def test_database_files_are_private_whatever_the_umask(tmp_path: Path):
     old = os.umask(0)
     try:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import pydantic
 import pytest
@@ -25,14 +24,6 @@ class Forgotten(list[str]):
 
     def __call__(self, idsmtps: Iterable[str]) -> None:
         self.extend(idsmtps)
-
-
-@pytest.fixture
-async def store(tmp_path: Path):
-    s = Store(tmp_path / "state" / "relayd.db")
-    await s.open()
-    yield s
-    await s.close()
 
 
 @pytest.fixture
