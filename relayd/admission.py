@@ -2,10 +2,11 @@
 
 SPEC 9: ``Relay.sessions``, ``Relay.per_ip`` and relayd_sessions_active count
 open connections, whatever they are doing. RelaySMTP.connection_made takes
-the slot for the raw connection at accept time, before a byte is exchanged,
-and decides admission there (max_sessions, max_sessions_per_ip, lockout,
-drain); RelaySMTP.release gives it back exactly once, from whichever end
-comes first: connection_lost, a failed or timed-out TLS handshake, a refusal.
+the slot for the raw connection at accept time (``open_slot``), before a
+byte is exchanged, and admission is decided there (max_sessions,
+max_sessions_per_ip, lockout, drain); RelaySMTP.release gives it back
+(``close_slot``) exactly once, from whichever end comes first:
+connection_lost, a failed or timed-out TLS handshake, a refusal.
 
 TLS handshakes are where a connection can sit without being a session yet:
 
@@ -28,15 +29,48 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from asyncio import sslproto
 from typing import TYPE_CHECKING
 
+from . import metrics, replies
 from .maillog import event
 
 if TYPE_CHECKING:
     from .smtp import RelaySMTP
 
 log = logging.getLogger("relayd.smtp")
+
+
+def open_slot(smtp: RelaySMTP) -> str | None:
+    """Take ``smtp``'s slot at accept; return the reply refusing it (drain,
+    lockout, too many connections) or None to let it in."""
+    relay, ip = smtp.relay, smtp.client_ip
+    assert ip is not None
+    relay.sessions.add(smtp)
+    relay.per_ip[ip] += 1
+    metrics.SESSIONS_ACTIVE.inc()
+    limits = relay.config.limits
+    if relay.draining:
+        return replies.SHUTTING_DOWN
+    if relay.throttle.locked(ip, time.monotonic()):
+        metrics.AUTH_ATTEMPTS.labels("locked_out").inc()
+        return replies.AUTH_LOCKED_OUT
+    if len(relay.sessions) > limits.max_sessions or relay.per_ip[ip] > limits.max_sessions_per_ip:
+        return replies.TOO_MANY_SESSIONS
+    return None
+
+
+def close_slot(smtp: RelaySMTP) -> None:
+    """Give ``smtp``'s slot back (callers make sure it happens once)."""
+    relay, ip = smtp.relay, smtp.client_ip
+    if smtp in relay.sessions:
+        assert ip is not None
+        relay.sessions.discard(smtp)
+        relay.per_ip[ip] -= 1
+        if relay.per_ip[ip] <= 0:
+            del relay.per_ip[ip]
+        metrics.SESSIONS_ACTIVE.dec()
 
 
 def tls_failed(smtp: RelaySMTP, mode: str, error: BaseException | None, timed_out: bool) -> None:

@@ -169,38 +169,6 @@ class Relay:
         self.stopped.set()
         event(log, logging.INFO, "stopped")
 
-    # ------------------------------------------------------------ sessions
-
-    def admission(self, ip: str) -> str | None:
-        """The reply refusing a new connection, or None to let it in."""
-        limits = self.config.limits
-        if self.draining:
-            return replies.SHUTTING_DOWN
-        if self.throttle.locked(ip, time.monotonic()):
-            metrics.AUTH_ATTEMPTS.labels("locked_out").inc()
-            return replies.AUTH_LOCKED_OUT
-        if len(self.sessions) > limits.max_sessions or self.per_ip[ip] > limits.max_sessions_per_ip:
-            return replies.TOO_MANY_SESSIONS
-        return None
-
-    # SPEC 9: a connection is counted from accept (a TLS handshake in
-    # progress included) to close; see admission.py.
-    def session_opened(self, s: RelaySMTP) -> None:
-        assert s.client_ip is not None
-        self.sessions.add(s)
-        self.per_ip[s.client_ip] += 1
-        metrics.SESSIONS_ACTIVE.inc()
-
-    def session_closed(self, s: RelaySMTP) -> None:
-        if s in self.sessions:
-            assert s.client_ip is not None
-            self.sessions.discard(s)
-            ip = s.client_ip
-            self.per_ip[ip] -= 1
-            if self.per_ip[ip] <= 0:
-                del self.per_ip[ip]
-            metrics.SESSIONS_ACTIVE.dec()
-
     @property
     def errors(self) -> routing.ErrorBook:
         """Upstream health (numerrors, last error) of every upstream, kept by

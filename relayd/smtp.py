@@ -153,8 +153,7 @@ class RelaySMTP(auth.AuthCommands, SMTP):
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if isinstance(peer, tuple) else str(peer)
         self._counted = True
-        self.relay.session_opened(self)
-        self._refusal = self.relay.admission(self.client_ip)
+        self._refusal = admission.open_slot(self)
         if self._tls != "implicit":
             super().connection_made(transport)
         elif self._refusal == replies.TOO_MANY_SESSIONS:
@@ -168,7 +167,7 @@ class RelaySMTP(auth.AuthCommands, SMTP):
         if self._counted:
             self._counted = False
             self.event_handler.release(self.session)
-            self.relay.session_closed(self)
+            admission.close_slot(self)
 
     def connection_lost(self, error: Exception | None) -> None:
         self.release()
