@@ -41,6 +41,7 @@ from aiosmtpd.smtp import Session as _Session
 from . import admission, auth, delivery, metrics, replies, wire
 from .errors import NotFound
 from .maillog import event
+from .esmtp import MailParams, RcptParams
 from .policy import Verdict
 from .records import SmtpUser, Upstream
 
@@ -71,6 +72,10 @@ class Session(_Session):
         self.reserved = 0                 # quota units held by this envelope's RCPTs
         self.route: list[Upstream] = []   # this transaction's candidates, decided at MAIL
         self.route_generation = (0, 0)    # (config, records) generations they were decided under
+        # The transaction's ESMTP parameters (esmtp.py), one RcptParams per
+        # accepted recipient, in envelope.rcpt_tos order.
+        self.mail_params = MailParams()
+        self.rcpt_params: list[RcptParams] = []
         self.messages = 0
         self.errors = 0
 
