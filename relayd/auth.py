@@ -21,7 +21,7 @@ import time
 from base64 import b64decode, b64encode
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import MISSING, AuthResult
+from aiosmtpd.smtp import MISSING, AuthResult, syntax
 
 from . import metrics, replies
 from .maillog import event
@@ -39,6 +39,9 @@ class AuthCommands:
     session: Session | None
     client_reader: asyncio.StreamReader
 
+    # aiosmtpd's HELP lists only commands whose method has its @syntax: an
+    # override without it drops the command from HELP's list.
+    @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str | None) -> None:
         # SASL mechanism names are case-insensitive (RFC 4422 3.1); aiosmtpd
         # matches them exactly, so "auth plain" would get 504.

@@ -243,8 +243,20 @@ class Config(Strict):
     drain_timeout: Annotated[float, Field(ge=0)] = 30
     system_smtps: list[UpstreamSpec] = Field(default_factory=list)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # The Received: field prepended to each relayed message (SPEC 3.16,
+    # RFC 5321 4.4; built by trace.py).
+    received_header: Literal["full", "hide_client", "off"] = "full"
 
     _crlf = field_validator("hostname")(_no_crlf)
+
+    @field_validator("received_header", mode="before")
+    @classmethod
+    def _quoted_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads an unquoted off (or no) as false: say so rather
+        # than only that false is not one of the choices.
+        if v is False:
+            raise ValueError('write "off" in quotes: unquoted off is YAML\'s false (got false)')
+        return v
 
     @property
     def database_path(self) -> Path:

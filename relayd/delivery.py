@@ -20,14 +20,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from . import metrics, replies, rewrite, routing
+from . import metrics, replies, rewrite, routing, trace
 from .errors import HeaderTooLarge, NotFound, StoreError
 from .maillog import message_line
 from .policy import Hold, rewrite_verdict
 from .records import SmtpUser, Upstream, domain_of
-from .upstream import Attempt, deliver as try_upstreams
+from .failover import Attempt, Outcome, deliver as try_upstreams
+from .wire import unstuffed_size
 
 if TYPE_CHECKING:
     from aiosmtpd.smtp import Envelope
@@ -67,10 +69,12 @@ def upstream_error_counts(relay: Relay) -> list[tuple[str, int]]:
 
 def recorder(relay: Relay) -> Callable[[Upstream, str, str], Awaitable[None]]:
     """How an attempt is counted: 'ok' resets numerrors, 'error' increments
-    it, 'refused' (a permanent 5xx about the message) leaves it alone."""
+    it, 'refused' (a permanent 5xx about the message) and 'skipped' (the
+    upstream lacks an extension this message needs, SPEC 3.15) leave it
+    alone."""
     async def record(u: Upstream, result: str, reply: str) -> None:
         metrics.UPSTREAM_ATTEMPTS.labels(u.idsmtp, result).inc()
-        if result == "refused":
+        if result in ("refused", "skipped"):
             return
         try:
             await relay.store.record_upstream_result(u.idsmtp, result == "ok", time.time())
@@ -114,14 +118,23 @@ class Settlement:
 async def deliver(relay: Relay, session: Session, envelope: Envelope, wire: bytes,
                   units: int) -> str:
     """Decide and send one message (``wire``: as received after DATA, still
-    dot-stuffed) whose RCPTs reserved ``units``; return the reply to DATA."""
+    dot-stuffed) whose RCPTs reserved ``units``; return the reply to DATA.
+    Upstreams get it with relayd's Received: field on top (SPEC 3.16); the
+    mail log's ``size=`` is the client's message without that field, after
+    dot-unstuffing (SPEC 3.17)."""
     started = time.monotonic()
     sender = envelope.mail_from or ""
     rcpts = list(envelope.rcpt_tos)
     msg_id = session.message_id()
     settlement = Settlement(relay, session.user or "", units, time.time())
+    # What _send's prepare (the From rewrite) starts from. ``wire`` is in DATA
+    # wire form, dot-stuffed (RFC 5321 4.5.2): the Received field never starts
+    # with '.', so prepending it needs no stuffing, and every byte after it
+    # stays as received. (The From rewrite's header bound, rewrite.MAX_HEADER,
+    # counts the field, as Postfix's header_size_limit counts its own.)
+    traced = trace_field(relay, session, msg_id) + wire
     try:
-        result, reply, last = await _send(relay, session, sender, rcpts, wire, settlement,
+        result, reply, last = await _send(relay, session, sender, rcpts, traced, settlement,
                                           started)
     except Exception:
         # STYLE 5: logged with the session id, never shown to the client.
@@ -132,13 +145,25 @@ async def deliver(relay: Relay, session: Session, envelope: Envelope, wire: byte
     metrics.MESSAGES.labels(result).inc()
     fields: dict[str, Any] = {"from": sender}
     message_line(session=msg_id, user=session.user, client=session.ip, **fields,
-                 rcpts=len(rcpts), size=len(wire),
+                 rcpts=len(rcpts), size=unstuffed_size(wire),
                  upstream=last.upstream.idsmtp if last else "",
                  upstream_host=last.upstream.host if last else "",
                  rewrite="yes" if last and last.rewritten else "no", result=result,
-                 reply=last.reply if last and last.reply else reply,
+                 # The technical account (SPEC 3.18): the client's reply has plain words.
+                 reply=last.detail if last and last.detail else reply,
                  duration=round(time.monotonic() - started, 3))
     return reply
+
+
+def trace_field(relay: Relay, session: Session, msg_id: str) -> bytes:
+    """relayd's Received: field for this session's message (trace.py); b""
+    with ``received_header: off``. TLS means STARTTLS or implicit TLS (smtp.py
+    sets ``session.ssl`` for both); authenticated, relayd's own AUTH."""
+    return trace.received(
+        relay.config.received_header, ehlo_name=session.host_name, client_ip=session.ip,
+        hostname=relay.hostname, tls=session.ssl is not None,
+        authenticated=session.user is not None, session_id=msg_id,
+        when=datetime.now().astimezone())
 
 
 async def _send(relay: Relay, session: Session, sender: str, rcpts: list[str], wire: bytes,
@@ -178,15 +203,29 @@ async def _send(relay: Relay, session: Session, sender: str, rcpts: list[str], w
     outcome = await try_upstreams(
         candidates, rcpts, prepare, recorder(relay), local_hostname=relay.hostname,
         connect_timeout=cfg.timeouts.connect, command_timeout=cfg.timeouts.command,
-        deadline=cfg.failover.deadline, pool=relay.pool)
+        deadline=cfg.failover.deadline, pool=relay.pool,
+        mail_params=session.mail_params, rcpt_params=session.rcpt_params)
     metrics.DELIVERY_DURATION.observe(time.monotonic() - started)
-    last = outcome.last
-    assert last is not None
     if outcome.delivered:
         settlement.commit()
+    return _verdict(outcome, msg_id)
+
+
+def _verdict(outcome: Outcome, msg_id: str) -> tuple[str, str, Attempt]:
+    """(result, reply, the attempt the reply speaks of) once the attempts
+    are over. A candidate skipped for want of an extension says nothing of
+    the others: the reply quotes the last upstream actually tried, and is a
+    refusal only when none could be tried at all (SPEC 3.15)."""
+    last = outcome.tried
+    assert last is not None
+    if outcome.delivered:
         if last.rewritten:
             metrics.FROM_REWRITES.inc()
         return "delivered", replies.QUEUED.format(id=msg_id), last
+    unsendable = outcome.unsendable
+    if unsendable:
+        return "rejected", (replies.NEEDS_SMTPUTF8 if unsendable == "SMTPUTF8"
+                            else replies.NEEDS_8BITMIME), last
     text = replies.one_line(last.reply)
     if outcome.unconfirmed:
         return "unconfirmed", replies.DELIVERY_UNCONFIRMED.format(reply=text), last

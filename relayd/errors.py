@@ -52,14 +52,23 @@ class UpstreamError(RelaydError):
     """One upstream attempt failed. ``permanent`` is True only for a 5xx reply
     (SPEC 3.7-3.8): the next upstream would refuse the message too.
     ``unconfirmed``: the upstream had the whole message and then dropped the
-    connection or did not reply; it may have delivered it (SPEC 3.8)."""
+    connection or did not reply; it may have delivered it (SPEC 3.8).
+    ``reply`` is what an SMTP or API client may read (SPEC 3.18): the
+    upstream's own reply, or what happened in plain words; ``detail`` is the
+    technical account for the log (exception, errno, the library's words),
+    ``reply`` when not given. ``skipped``: the upstream was not tried because
+    it lacks an extension this message needs ("8BITMIME" or "SMTPUTF8",
+    SPEC 3.15): no error of the upstream's."""
 
     def __init__(self, reply: str, *, permanent: bool = False, code: int | None = None,
-                 unconfirmed: bool = False):
+                 unconfirmed: bool = False, detail: str | None = None,
+                 skipped: str | None = None):
         self.reply = reply
         self.permanent = permanent
         self.code = code
         self.unconfirmed = unconfirmed
+        self.detail = detail if detail is not None else reply
+        self.skipped = skipped
         super().__init__(reply)
 
 

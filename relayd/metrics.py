@@ -26,7 +26,8 @@ LIMIT_REJECTIONS = Counter(
     "relayd_limit_rejections", "Recipients refused because a quota was reached.",
     ["limit"], registry=REGISTRY)
 UPSTREAM_ATTEMPTS = Counter(
-    "relayd_upstream_attempts", "Delivery attempts per upstream by result (ok, error, refused).",
+    "relayd_upstream_attempts", "Delivery attempts per upstream by result (ok, error, refused, "
+    "skipped: the upstream lacks 8BITMIME or SMTPUTF8 for the message).",
     ["upstream", "result"], registry=REGISTRY)
 
 
@@ -78,7 +79,7 @@ def forget_upstreams(idsmtps: Iterable[str]) -> None:
     """Drop the attempt counters of deleted upstreams, so that labels stay
     bounded by the upstreams that exist (the errors gauge follows by itself)."""
     for idsmtp in idsmtps:
-        for result in ("ok", "error", "refused"):
+        for result in ("ok", "error", "refused", "skipped"):
             try:
                 UPSTREAM_ATTEMPTS.remove(idsmtp, result)
             except KeyError:

@@ -67,6 +67,41 @@ DATA_TIMEOUT = "421 4.4.2 DATA took too long, closing connection"
 # SPEC 9: the database is gone, replaced or unwritable (storewatch.py).
 STORE_UNAVAILABLE = "451 4.3.0 Mail system temporarily unavailable, try again later"
 
+# RFC 2034 4 (relayd offers ENHANCEDSTATUSCODES): every 2xx, 4xx and 5xx line
+# but the greeting's and HELO's/EHLO's carries an RFC 3463 code. The constants
+# above have theirs; replywire.py gives the lines aiosmtpd writes itself
+# ("250 OK" to NOOP, "503 Error: need MAIL command", "501 Syntax: HELO
+# hostname"...) the code Postfix answers them with, by reply code; any other
+# code gets X.0.0 (RFC 3463 3.1, "other undefined status").
+DEFAULT_ENHANCED = {
+    220: "2.0.0", 221: "2.0.0", 250: "2.0.0", 252: "2.0.0",
+    454: "4.7.0",                     # TLS not available
+    500: "5.5.2", 501: "5.5.4",       # syntax error; bad arguments
+    502: "5.5.1", 503: "5.5.1",       # not implemented; bad sequence of commands
+    504: "5.5.4", 530: "5.7.0", 552: "5.3.4", 554: "5.7.0",
+    555: "5.5.4",                     # MAIL/RCPT parameter not recognised
+}
+
+
+# MAIL/RCPT parameters (SPEC 3.15, esmtp.py). {keyword} is one of esmtp.KEYWORDS,
+# never client text. Unknown parameters: aiosmtpd's 555, with its code.
+BAD_PARAMETER = "501 5.5.4 Bad {keyword} parameter syntax"
+DUPLICATE_PARAMETER = "501 5.5.4 Duplicate {keyword} parameter"
+MAIL_PARAMS_UNKNOWN = "555 5.5.4 MAIL FROM parameters not recognized or not implemented"
+RCPT_PARAMS_UNKNOWN = "555 5.5.4 RCPT TO parameters not recognized or not implemented"
+# RFC 6531 3.5: a non-ASCII address without MAIL's SMTPUTF8 (Postfix's words).
+NON_ASCII_ADDRESS = "553 5.6.7 Must declare SMTPUTF8 to send a non-ASCII address"
+# Non-ASCII outside a MAIL/RCPT address, or bytes that are not UTF-8 in one:
+# the strict-ASCII 500 aiosmtpd answered before relayd offered SMTPUTF8.
+NOT_ASCII = "500 5.5.2 Error: non-ASCII characters are only allowed in addresses"
+BAD_UTF8 = "500 5.5.2 Error: bad UTF-8 syntax"
+# After DATA: no candidate upstream can take the message (SPEC 3.15; RFC 6152
+# 3, RFC 6531 3.7.4.1). Permanent: no upstream of this route will change.
+NEEDS_8BITMIME = ("554 5.6.3 Message has 8-bit content and no upstream SMTP server "
+                  "for it accepts 8BITMIME")
+NEEDS_SMTPUTF8 = ("553 5.6.7 Message has non-ASCII addresses or headers and no upstream "
+                  "SMTP server for it accepts SMTPUTF8")
+
 
 _NOT_TEXT = re.compile(r"[^\x20-\x7e]")
 

@@ -5,6 +5,9 @@ reason next to it; aiosmtpd offers no public extension points for these,
 so the underscore hooks overridden are pinned by tests/test_library_pins.py:
 
 * AUTH is auth.py's (mixins): async PLAIN/LOGIN with a 535 on failure.
+* Command arguments are arguments.py's (a mixin): the address fast path,
+  relayd's MAIL/RCPT parameters (SPEC 3.15, validated by esmtp.py), UTF-8
+  in MAIL/RCPT addresses only.
 * DATA is read in bulk (wire.read_data) and kept in its wire form (still
   dot-stuffed): the From rewrite only touches header lines, which never
   start with a dot, and upstream.py sends the wire form as is once its
@@ -17,10 +20,10 @@ so the underscore hooks overridden are pinned by tests/test_library_pins.py:
   while the client waits for that reply.
 * Exceptions are logged with the session id and answered 451 4.3.0; their
   text never reaches the client.
-* Reply lines are printable US-ASCII whatever they quote (aiosmtpd echoes
-  unknown command names raw; upstream replies may be 8-bit); once relayd
-  closes a session, nothing the client pipelined behind the last reply
-  runs (wire.ClientReader.stop).
+* Every reply goes out through replywire.py: one write per reply, however
+  many lines (SPEC 3.14), printable US-ASCII whatever it quotes, an enhanced
+  code on every line (RFC 2034); EHLO offers ehlo.py's keywords. Once relayd
+  says 421 or closes, nothing pipelined behind it runs (ClientReader.stop).
 * A connection holds its admission slot from accept to close, TLS
   handshakes included and bounded; EOF closes it (aiosmtpd kept it
   half-open); a failed handshake is a log line, not an error (admission.py).
@@ -30,15 +33,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import secrets
 import time
 from typing import TYPE_CHECKING
 
-from aiosmtpd.smtp import SMTP, Envelope, TLSSetupException
+from aiosmtpd.smtp import SMTP, Envelope, TLSSetupException, syntax
 from aiosmtpd.smtp import Session as _Session
 
-from . import admission, auth, delivery, metrics, replies, wire
+from . import admission, arguments, auth, delivery, ehlo, esmtp, metrics, replies, replywire, wire
 from .errors import NotFound
 from .maillog import event
 from .esmtp import MailParams, RcptParams
@@ -50,17 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relayd.smtp")
 
-# What may not appear in a reply line (RFC 5321 4.2: printable US-ASCII).
-_NOT_REPLY_TEXT = re.compile(r"[^\x20-\x7e]")
-# "<local@domain>" with a dot-atom local part: nearly every MAIL/RCPT. Anything
-# else (quoted local parts, source routes, no brackets) goes to aiosmtpd's
-# RFC 5322 parser.
-_PLAIN_PATH = re.compile(r"\s*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+)>")
-
-
-def _bad_address(address: str) -> bool:
-    """Characters that must never reach an upstream command or a header."""
-    return any(c in address for c in "\r\n\0 \t<>") or not address.isprintable()
 
 
 class Session(_Session):
@@ -76,6 +67,7 @@ class Session(_Session):
         # accepted recipient, in envelope.rcpt_tos order.
         self.mail_params = MailParams()
         self.rcpt_params: list[RcptParams] = []
+        self.esmtp_args: list[str] = []   # the MAIL/RCPT being handled: relayd's parameters
         self.messages = 0
         self.errors = 0
 
@@ -87,7 +79,7 @@ class Session(_Session):
         return self.id if self.messages == 1 else f"{self.id}.{self.messages}"
 
 
-class RelaySMTP(auth.AuthCommands, SMTP):
+class RelaySMTP(auth.AuthCommands, arguments.ArgumentCommands, SMTP):
     """One client connection."""
 
     def __init__(self, relay: Relay, tls: str, auth_require_tls: bool):
@@ -105,6 +97,7 @@ class RelaySMTP(auth.AuthCommands, SMTP):
         self._refusal: str | None = None      # admission's verdict at accept
         self._raw: asyncio.BaseTransport | None = None   # implicit TLS: the TCP transport
         self._tls_started: float | None = None  # loop time a STARTTLS handshake began
+        self._reply = replywire.ReplyBuffer(relay.hostname)   # what push writes
         super().__init__(
             RelayHandler(relay),
             data_size_limit=None,           # SIZE advertised and enforced by us (552 5.3.4)
@@ -115,6 +108,10 @@ class RelaySMTP(auth.AuthCommands, SMTP):
             auth_required=True,             # MAIL/RCPT/DATA before AUTH: 530 5.7.0
             # implicit TLS is TLS from the first byte, which aiosmtpd cannot see
             auth_require_tls=auth_require_tls and tls != "implicit",
+            # RFC 6531: UTF-8 addresses in MAIL/RCPT (SPEC 3.15). aiosmtpd
+            # then decodes every argument as UTF-8 (and would encode replies
+            # so; replywire.py keeps them ASCII): guard_arguments below.
+            enable_SMTPUTF8=True,
             loop=asyncio.get_running_loop(),
         )
         # The client's stream is a wire.ClientReader (bare-LF tracking, input
@@ -124,17 +121,10 @@ class RelaySMTP(auth.AuthCommands, SMTP):
         asyncio.StreamReaderProtocol.__init__(
             self, self.client_reader, client_connected_cb=self._cb_client_connected,
             loop=self.loop)
+        self.guard_arguments()              # arguments.py: UTF-8 in addresses only
 
     def _create_session(self) -> Session:
         return Session(self.loop)
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        # aiosmtpd's version defines a typing.Protocol class on every call
-        # (tens of microseconds per MAIL and RCPT); same result, fast path first.
-        m = _PLAIN_PATH.match(arg) if arg else None
-        if m:
-            return m.group(1), arg[m.end():]
-        return super()._getaddr(arg)
 
     def _set_rset_state(self) -> None:
         # aiosmtpd discards the envelope here on RSET, HELO, EHLO and the
@@ -152,6 +142,8 @@ class RelaySMTP(auth.AuthCommands, SMTP):
         if self.client_ip is not None:     # the TLS layer's, its handshake done
             self._tls_started = None
             super().connection_made(transport)
+            if self.session.ssl is None:    # implicit TLS (aiosmtpd sets it after STARTTLS)
+                self.session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
             return
         # SPEC 9: the slot is taken and admission decided at accept, before
         # a byte is exchanged; a TLS handshake in progress holds a slot too.
@@ -224,14 +216,15 @@ class RelaySMTP(auth.AuthCommands, SMTP):
         self.close(replies.TIMEOUT)          # RFC 5321 4.5.3.2: say why before closing
 
     async def push(self, status: str | bytes) -> None:
-        text = status if isinstance(status, str) else status.decode("ascii", "replace")
-        if not (text.isascii() and text.isprintable()):
-            # RFC 5321 4.2: reply text is printable US-ASCII. aiosmtpd echoes
-            # an unknown command name as received (NUL, bare CR, ESC...), and
-            # a non-ASCII character would make its ASCII encoder raise.
-            text = status = _NOT_REPLY_TEXT.sub("?", text)
-        await super().push(status)
-        if text[:1] in ("4", "5") and not text.startswith("421") and self.session is not None:
+        reply = self._reply.add(status)      # replywire.py: None until the last line
+        if reply is None:
+            return
+        await super().push(reply)
+        if reply.startswith(b"421"):
+            # RFC 5321 3.8: 421 closes the channel. Nothing pipelined may run
+            # until the close (MAIL's drain 421 closes an iteration later).
+            self.client_reader.stop()
+        elif reply[:1] in (b"4", b"5") and self.session is not None:
             self.session.errors += 1
             if self.session.errors >= self.relay.config.limits.max_errors:
                 # Postfix's smtpd_hard_error_limit: a client that only errs is
@@ -241,6 +234,7 @@ class RelaySMTP(auth.AuthCommands, SMTP):
                 await super().push(replies.TOO_MANY_ERRORS)
                 self.close()
 
+    @syntax("STARTTLS", when="tls_context")   # HELP lists what has aiosmtpd's @syntax
     async def smtp_STARTTLS(self, arg: str | None) -> None:
         """aiosmtpd's, bounded by timeouts.tls_handshake (SPEC 9) instead of
         the idle timer. asyncio's SSLProtocol wakes aiosmtpd's waiter without
@@ -273,6 +267,7 @@ class RelaySMTP(auth.AuthCommands, SMTP):
 
     # -- DATA
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str | None) -> None:
         if self.client_reader.bare_lf:
             # The client is about to send a body; reading it as commands
@@ -342,17 +337,12 @@ class RelayHandler(auth.AuthMechanisms):
     def __init__(self, relay: Relay):
         self.relay = relay
 
-    # -- EHLO: advertise SIZE and exactly "AUTH PLAIN LOGIN"
+    # -- EHLO: ehlo.py's keywords, each once, in its order (SPEC 3.14)
 
     async def handle_EHLO(self, server: RelaySMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
-        out = [responses[0], f"250-SIZE {self.relay.config.limits.max_message_size}"]
-        for line in responses[1:]:
-            if line.startswith("250-AUTH"):
-                line = "250-AUTH PLAIN LOGIN"
-            out.append(line)
-        return out
+        return ehlo.reply(responses, self.relay.config.limits.max_message_size)
 
     # -- envelope
 
@@ -388,8 +378,11 @@ class RelayHandler(auth.AuthMechanisms):
             return replies.SHUTTING_DOWN
         if relay.store_problem is not None:      # SPEC 9: no mail into a lost store
             return replies.STORE_UNAVAILABLE
-        if _bad_address(address):
-            return replies.BAD_SENDER_ADDRESS
+        try:
+            params = esmtp.parse_mail(session.esmtp_args)
+            esmtp.check_address(address, params.smtputf8, replies.BAD_SENDER_ADDRESS)
+        except esmtp.ParamError as refusal:
+            return refusal.reply
         for opt in mail_options:
             key, _, value = opt.partition("=")
             if key == "SIZE" and value.isdigit() and int(value) > relay.config.limits.max_message_size:
@@ -408,14 +401,18 @@ class RelayHandler(auth.AuthMechanisms):
             return replies.NO_UPSTREAM
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        session.mail_params = params
         return replies.SENDER_OK
 
     async def handle_RCPT(self, server: RelaySMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
         relay = self.relay
-        if _bad_address(address):
+        try:
+            params = esmtp.parse_rcpt(session.esmtp_args)
+            esmtp.check_address(address, session.mail_params.smtputf8, replies.BAD_RCPT_ADDRESS)
+        except esmtp.ParamError as refusal:
             metrics.RECIPIENTS.labels("invalid").inc()
-            return replies.BAD_RCPT_ADDRESS
+            return refusal.reply
         if len(envelope.rcpt_tos) >= relay.config.limits.max_recipients:
             metrics.RECIPIENTS.labels("too_many").inc()
             return replies.TOO_MANY_RCPTS
@@ -431,6 +428,7 @@ class RelayHandler(auth.AuthMechanisms):
         session.reserved += 1
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
+        session.rcpt_params.append(params)       # aligned with rcpt_tos
         metrics.RECIPIENTS.labels("accepted").inc()
         return replies.RCPT_OK
 

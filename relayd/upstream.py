@@ -17,22 +17,40 @@ message, a dropped connection or a missing reply leaves it unknown whether
 the message was delivered; sending it elsewhere would make a duplicate
 certain. Such an attempt is *unconfirmed*: its error is counted and the
 delivery stops there.
+
+What a failure says (SPEC 3.18) is decided once, here (``describe``), for
+the SMTP client's 451/554 and the admin API's ``smtps/check`` alike: the
+upstream's reply when it gave one, else plain words ("connection refused",
+"timed out after 10 s", "TLS certificate not trusted", "not an SMTP
+server"...), never an exception name, an errno, a foreign service's banner
+or a system SMTP's address. The technical account goes to the log
+(``UpstreamError.detail``).
+
+MAIL/RCPT parameters (SPEC 3.15, esmtp.py) go to an upstream as far as the
+EHLO keywords of the connection at hand allow; a message that needs an
+extension the upstream lacks is not sent there (*skipped*: no error of the
+upstream's, the next candidate is tried, and the connection stays pooled).
+The loop over the candidates is failover.py's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import os
+import re
+import socket
 import ssl
-import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import aiosmtplib
 
+from . import esmtp
 from .errors import UpstreamError
+from .esmtp import MailParams, RcptParams
 from .pool import Pool, quit_politely
 from .records import Upstream
+from .replies import one_line
 from .wire import wire_data
 
 log = logging.getLogger("relayd.upstream")
@@ -99,18 +117,26 @@ async def _open(u: Upstream, local_hostname: str, connect_timeout: float,
         timeout=command_timeout)
     try:
         await client.connect(timeout=connect_timeout)
+        if client.is_ehlo_or_helo_needed:
+            # The upstream's extensions come from EHLO (SPEC 3.15): known per
+            # connection before its first MAIL (aiosmtplib would send EHLO
+            # with that MAIL). An old server that refuses EHLO gets HELO.
+            try:
+                await client.ehlo()
+            except aiosmtplib.SMTPHeloError:
+                await client.helo()
         if u.auth:
             await client.login(u.username or "", u.password or "")
         return client
     except BaseException as exc:
         client.close()
-        if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
-            raise UpstreamError(f"AUTH failed: {_reply(exc.code, exc.message)}",
-                                code=exc.code) from None
-        if isinstance(exc, aiosmtplib.SMTPResponseException):
-            raise UpstreamError(_reply(exc.code, exc.message), code=exc.code) from None
         if isinstance(exc, (aiosmtplib.SMTPException, OSError, ssl.SSLError)):
-            raise _connection_error(exc) from None
+            # A refusal at the greeting, EHLO, STARTTLS or AUTH is about this
+            # upstream's setup, never permanent for the message.
+            reply = _is_reply(exc)
+            raise UpstreamError(describe(exc, connect_timeout, command_timeout),
+                                code=getattr(exc, "code", None) if reply else None,
+                                detail=None if reply else _technical(exc)) from None
         raise
 
 
@@ -127,26 +153,30 @@ def _in_step(client: aiosmtplib.SMTP) -> bool:
 
 
 def _unconfirmed(exc: BaseException, command_timeout: float) -> UpstreamError:
-    """The upstream had the whole message and then went away or silent."""
-    if isinstance(exc, aiosmtplib.SMTPTimeoutError):
+    """The upstream had the whole message and then went away, went silent or
+    answered something that is no SMTP reply."""
+    if isinstance(exc, TimeoutError):
         what = f"no reply within {command_timeout:g} s after the message was sent"
+    elif isinstance(exc, aiosmtplib.SMTPResponseException):
+        what = "no SMTP reply after the message was sent"
     else:
         what = "connection lost after the message was sent"
-    return UpstreamError(what, unconfirmed=True)
+    return UpstreamError(what, unconfirmed=True, detail=f"{what}: {_technical(exc)}")
 
 
-def _classify(exc: BaseException, progress: Progress, command_timeout: float
-              ) -> UpstreamError:
+def _classify(exc: BaseException, progress: Progress, connect_timeout: float,
+              command_timeout: float) -> UpstreamError:
     """An attempt's failure as relayd reports it: an SMTP reply (permanent
-    when 5xx), unconfirmed after the final dot, else a connection error."""
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
+    when 5xx), unconfirmed after the final dot, else what happened."""
+    if isinstance(exc, aiosmtplib.SMTPResponseException) and _is_reply(exc):
         reply = _reply(exc.code, exc.message)
         if isinstance(exc, aiosmtplib.SMTPRecipientRefused):
             reply += f" (recipient {exc.recipient})"
         return UpstreamError(reply, permanent=is_permanent(exc.code), code=exc.code)
     if progress.dot:
         return _unconfirmed(exc, command_timeout)
-    return _connection_error(exc)
+    return UpstreamError(describe(exc, connect_timeout, command_timeout),
+                         detail=_technical(exc))
 
 
 def _dropped(exc: BaseException) -> bool:
@@ -166,30 +196,114 @@ async def _hand_back(pool: Pool | None, u: Upstream, client: aiosmtplib.SMTP,
         client.close()
 
 
-def _connection_error(exc: BaseException) -> UpstreamError:
-    """Classify a failure that is not an SMTP reply: always transient."""
-    if isinstance(exc, aiosmtplib.SMTPTimeoutError):
-        return UpstreamError(f"timeout: {exc}")
-    if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
-        return UpstreamError(f"disconnected: {exc}")
-    if isinstance(exc, aiosmtplib.SMTPException):        # STARTTLS not offered, TLS failure...
-        return UpstreamError(f"{type(exc).__name__}: {exc}")
-    if isinstance(exc, OSError) and exc.strerror:
-        return UpstreamError(f"connection failed: {exc.strerror}")
-    return UpstreamError(f"connection failed: {exc}")
+# ---------------------------------------------------------------- what a failure says
+
+NOT_SMTP = "not an SMTP server (its answer is not an SMTP reply)"
+CHAIN_DEPTH = 8               # errors behind one failure worth looking at
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the errors behind it, nearest first: aiosmtplib raises its
+    own exception from the OSError or ssl.SSLError that caused it."""
+    found: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and e not in found and len(found) < CHAIN_DEPTH:
+        found.append(e)
+        e = e.__cause__ or e.__context__
+    return found
+
+
+def _is_reply(exc: BaseException) -> bool:
+    """An SMTP reply of the upstream's: aiosmtplib's -1 (and any code outside
+    200-599) is a line that is no reply at all, a foreign service's banner."""
+    return isinstance(exc, aiosmtplib.SMTPResponseException) and 200 <= exc.code <= 599
+
+
+def describe(exc: BaseException, connect_timeout: float, command_timeout: float) -> str:
+    """What a failed attempt says to an SMTP or API client (SPEC 3.18). The
+    upstream's own words only when they are an SMTP reply (code and text);
+    any other answer is NOT_SMTP, without a byte of it, so that neither
+    DATA's reply nor smtps/check can be pointed at another service to read
+    its banner. Everything else in plain words: no exception names, no
+    errno text, no address."""
+    chain = _chain(exc)
+    for e in chain:
+        if isinstance(e, aiosmtplib.SMTPResponseException):
+            if not _is_reply(e):
+                return NOT_SMTP
+            auth = isinstance(e, aiosmtplib.SMTPAuthenticationError)
+            return ("AUTH refused: " if auth else "") + one_line(_reply(e.code, e.message))
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return "TLS certificate not trusted"
+        if isinstance(e, ssl.SSLError):
+            return "TLS negotiation failed"
+        if isinstance(e, aiosmtplib.SMTPConnectTimeoutError):    # connect and greeting
+            return f"timed out after {connect_timeout:g} s"
+        if isinstance(e, TimeoutError):
+            return f"timed out after {command_timeout:g} s"
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(e, socket.gaierror):
+            return "host name does not resolve"
+        if type(e) in (aiosmtplib.SMTPException, aiosmtplib.SMTPNotSupported):
+            # aiosmtplib's own complaint about what the server offers (its
+            # words, not the server's): STARTTLS or AUTH missing.
+            missing = next((x for x in ("STARTTLS", "AUTH") if x in str(e)), "an extension")
+            return f"the server does not offer {missing}"
+        if isinstance(e, (aiosmtplib.SMTPServerDisconnected, ConnectionResetError,
+                          BrokenPipeError)):
+            return "connection lost"
+    for e in chain:
+        if isinstance(e, OSError) and e.errno:
+            return os.strerror(e.errno).lower()           # "no route to host"
+    return "connection failed"
+
+
+def _technical(exc: BaseException) -> str:
+    """The log's account of a failure: each error of the chain with its type."""
+    return "; ".join(dict.fromkeys(f"{type(e).__name__}: {e}" for e in _chain(exc)))
+
+
+def for_client(u: Upstream, text: str) -> str:
+    """``text`` as a client may read it: a system SMTP serves every paid
+    tenant and its address is the operator's business (SPEC 3.18), so its
+    host (and port) in its own reply text become "[system SMTP]"."""
+    if not u.idsmtp.startswith("system:") or not u.host:
+        return text
+    return re.sub(re.escape(u.host) + rf"(?::{u.port}\b)?", "[system SMTP]", text,
+                  flags=re.IGNORECASE)
+
+
+async def _envelope(client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str],
+                    mail_params: MailParams, rcpt_params: Sequence[RcptParams]) -> None:
+    """MAIL and RCPTs with the parameters this upstream takes. Addresses go
+    as UTF-8 only with SMTPUTF8 relayed (RFC 6531 3.4); without it they are
+    ASCII (missing_extension held the message back otherwise)."""
+    supports = client.supports_extension
+    utf8 = mail_params.smtputf8 and supports("SMTPUTF8")
+    encoding = "utf-8" if utf8 else "ascii"
+    await client.mail(sender, options=esmtp.mail_options(mail_params, supports),
+                      encoding=encoding)
+    for i, rcpt in enumerate(recipients):
+        params = rcpt_params[i] if i < len(rcpt_params) else RcptParams()
+        await client.rcpt(rcpt, options=esmtp.rcpt_options(params, supports),
+                          encoding=encoding)
 
 
 async def send_once(u: Upstream, sender: str, recipients: Sequence[str], message: bytes, *,
                     local_hostname: str, connect_timeout: float, command_timeout: float,
                     pool: Pool | None = None, stuffed: bool = False,
-                    progress: Progress | None = None) -> str:
+                    progress: Progress | None = None, mail_params: MailParams = MailParams(),
+                    rcpt_params: Sequence[RcptParams] = ()) -> str:
     """One attempt through one upstream; return its final reply text or raise
     UpstreamError (classified). ``stuffed``: see wire_data. With a pool the
     connection is reused and kept; a pooled connection that turns out dead
     before DATA is replaced once by a new one (never another idle one: they
     went stale together, and all of the key's idle ones are dropped) without
     counting as an upstream error. ``progress`` tells the caller whether the
-    final dot went out."""
+    final dot went out. ``mail_params``/``rcpt_params`` (one per recipient):
+    the client's ESMTP parameters, passed on as the connection's EHLO
+    keywords allow (esmtp.py)."""
     payload = wire_data(message, stuffed=stuffed)
     progress = progress if progress is not None else Progress()
 
@@ -203,6 +317,11 @@ async def send_once(u: Upstream, sender: str, recipients: Sequence[str], message
             client, reused = await pool.acquire(u, open_new, fresh=retry)
         else:
             client, reused = await open_new(), False
+        missing = esmtp.missing_extension(mail_params, [sender, *recipients], message,
+                                          client.supports_extension)
+        if missing:      # from its EHLO, no command sent: the connection stays pooled
+            await _hand_back(pool, u, client, True)
+            raise UpstreamError(f"the server does not offer {missing}", skipped=missing)
         # Keep the connection only if the dialogue ended in step: after a
         # timeout or a cancellation (the failover deadline) the server may
         # still be busy with our last command.
@@ -211,9 +330,7 @@ async def send_once(u: Upstream, sender: str, recipients: Sequence[str], message
         try:
             if reused:
                 await client.rset()             # clean state, and proof of life
-            await client.mail(sender)
-            for rcpt in recipients:
-                await client.rcpt(rcpt)
+            await _envelope(client, sender, recipients, mail_params, rcpt_params)
             before_data = False
             response = await _data(client, payload, progress)
             keep = _in_step(client)
@@ -226,8 +343,8 @@ async def send_once(u: Upstream, sender: str, recipients: Sequence[str], message
             if isinstance(exc, aiosmtplib.SMTPResponseException):
                 # SMTPRecipientRefused / SMTPSenderRefused / SMTPDataError:
                 # the dialogue is in step; the next use starts with RSET.
-                keep = exc.code != 421 and _in_step(client)
-            raise _classify(exc, progress, command_timeout) from None
+                keep = exc.code != 421 and _is_reply(exc) and _in_step(client)
+            raise _classify(exc, progress, connect_timeout, command_timeout) from None
         finally:
             await _hand_back(pool, u, client, keep)
     raise AssertionError("unreachable")  # pragma: no cover
@@ -241,91 +358,3 @@ SETUP_REFUSALS = frozenset({530, 535, 538})
 
 def is_permanent(code: int) -> bool:
     return 500 <= code < 600 and code not in SETUP_REFUSALS
-
-
-@dataclass
-class Attempt:
-    upstream: Upstream
-    ok: bool
-    reply: str
-    duration: float
-    rewritten: bool = False
-    permanent: bool = False
-    unconfirmed: bool = False      # the upstream had the message, then no reply
-
-
-@dataclass
-class Outcome:
-    """What happened to one message: the attempts in order and the verdict."""
-
-    attempts: list[Attempt] = field(default_factory=list)
-
-    @property
-    def delivered(self) -> bool:
-        return bool(self.attempts) and self.attempts[-1].ok
-
-    @property
-    def last(self) -> Attempt | None:
-        return self.attempts[-1] if self.attempts else None
-
-    @property
-    def permanent(self) -> bool:
-        return self.last is not None and self.last.permanent
-
-    @property
-    def unconfirmed(self) -> bool:
-        return self.last is not None and self.last.unconfirmed
-
-
-# prepare(upstream) -> (envelope sender, message bytes, rewritten?)
-Prepare = Callable[[Upstream], tuple[str, bytes, bool]]
-# record(upstream, "ok" | "error" | "refused", reply): count errors, reset on success
-Record = Callable[[Upstream, str, str], Awaitable[None]]
-
-
-async def deliver(candidates: Sequence[Upstream], recipients: Sequence[str], prepare: Prepare,
-                  record: Record, *, local_hostname: str, connect_timeout: float,
-                  command_timeout: float, deadline: float, pool: Pool | None = None,
-                  send: Callable[..., Awaitable[str]] | None = None) -> Outcome:
-    """Try ``candidates`` in order until one accepts, a permanent refusal, an
-    unconfirmed attempt, or ``deadline`` seconds pass (SPEC 3.7, 3.8).
-    ``prepare`` returns each upstream's message in DATA wire form
-    (dot-stuffed, as received). ``send`` is one attempt (send_once; tests
-    pass their own)."""
-    send = send or send_once
-    outcome = Outcome()
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline
-    for u in candidates:
-        remaining = end - loop.time()
-        if remaining <= 0:
-            break
-        sender, message, rewritten = prepare(u)
-        started = time.monotonic()
-        progress = Progress()
-        try:
-            async with asyncio.timeout(remaining):
-                reply = await send(u, sender, recipients, message,
-                                   local_hostname=local_hostname,
-                                   connect_timeout=min(connect_timeout, remaining),
-                                   command_timeout=command_timeout, pool=pool,
-                                   stuffed=True, progress=progress)
-        except TimeoutError:
-            err = UpstreamError(f"failover deadline of {deadline:g} s reached"
-                                + (" after the message was sent" if progress.dot else ""),
-                                unconfirmed=progress.dot)
-        except UpstreamError as exc:
-            err = exc
-        else:
-            outcome.attempts.append(Attempt(u, True, reply, time.monotonic() - started, rewritten))
-            await record(u, "ok", reply)
-            return outcome
-        outcome.attempts.append(Attempt(u, False, err.reply, time.monotonic() - started,
-                                        rewritten, err.permanent, err.unconfirmed))
-        # A 5xx is about the message, not the server: no error counted, and
-        # no failover (the next upstream would refuse it too). Unconfirmed:
-        # the server's fault, counted, and no failover (a duplicate).
-        await record(u, "refused" if err.permanent else "error", err.reply)
-        if err.permanent or err.unconfirmed:
-            break
-    return outcome

@@ -203,6 +203,50 @@ def mail_lines(records: list[logging.LogRecord]) -> list[dict[str, str]]:
             if r.name == "relayd.mail" and getattr(r, "logfmt", {}).get("event") == "message"]
 
 
+# ---------------------------------------------------------------- trace field
+
+# One header field with its continuation lines (RFC 5322 2.2.3), CRLF only.
+_FIELD = re.compile(rb"[!-9;-~]+:[^\r\n]*(?:\r\n[ \t][^\r\n]*)*\r\n")
+# relayd's Received: field (SPEC 3.16, relayd/trace.py), unfolded and with
+# white space runs made single spaces.
+_RELAYD_RECEIVED = re.compile(
+    r"Received: from (?P<name>\S+)(?: \((?P<client>\[[^\]\s]*\])\))? "
+    r"by (?P<by>\S+) \(relayd\) with (?P<proto>ESMTPS?A?) id (?P<id>\S+); (?P<date>.+)")
+
+
+@dataclass
+class Trace:
+    raw: bytes                # the field as received, folding and CRLFs included
+    name: str                 # after "from"
+    client: str | None        # the "([...])" TCP-info, brackets kept
+    by: str
+    proto: str
+    id: str                   # as written (a quoted-string keeps its quotes)
+    date: str
+
+
+def split_trace(data: bytes) -> tuple[Trace | None, bytes]:
+    """(relayd's Received: field on top of ``data``, parsed; the rest), or
+    (None, data) when the first field is not relayd's."""
+    m = _FIELD.match(data)
+    if m is None:
+        return None, data
+    text = " ".join(m.group().decode("ascii", "replace").split())
+    r = _RELAYD_RECEIVED.fullmatch(text)
+    if r is None:
+        return None, data
+    return Trace(m.group(), **r.groupdict()), data[m.end():]
+
+
+def without_trace(data: bytes) -> bytes:
+    """``data`` as an upstream got it, less relayd's one Received: field:
+    asserts that the message starts with it, and that there is only one."""
+    trace, rest = split_trace(data)
+    assert trace is not None, f"no relayd Received: field on top: {data[:300]!r}"
+    assert split_trace(rest)[0] is None, "two relayd Received: fields"
+    return rest
+
+
 # ---------------------------------------------------------------- messages
 
 # An SMTP transaction hidden in a DATA body behind a fake end marker (SMTP

@@ -162,6 +162,7 @@ def test_print_config_masks_passwords() -> None:
     assert dumped["system_smtps"][0]["username"] == "relay@example.com"
     # the effective config is itself a valid config, defaults filled in
     assert dumped["limits"]["max_errors"] == 1
+    assert dumped["received_header"] == "hide_client"
     assert dumped["listen"][1] == {"address": "[::1]:0", "tls": "none", "auth_require_tls": True}
     config.parse(dumped)
 
@@ -179,6 +180,7 @@ def test_print_config_embedded_default(tmp_path: Path) -> None:
     assert dumped["state_dir"] == "./relayd-data"
     assert dumped["admin"]["socket"] == "./relayd-data/admin.sock"
     assert dumped["metrics"]["listen"] == "127.0.0.1:9587"
+    assert dumped["received_header"] == "full"
 
 
 def test_console_script_entry_point() -> None:
@@ -282,7 +284,7 @@ def test_example_shows_the_defaults() -> None:
     defaults = config.Config().model_dump(mode="json")
     for section in ("limits", "auth_failures", "failover", "timeouts"):
         assert data[section] == defaults[section], section
-    for key in ("drain_timeout", "log_level", "database", "system_smtps"):
+    for key in ("drain_timeout", "log_level", "database", "system_smtps", "received_header"):
         assert data[key] == defaults[key], key
     assert data["admin"]["mode"] == defaults["admin"]["mode"]
     assert data["admin"]["listen"] == defaults["admin"]["listen"]

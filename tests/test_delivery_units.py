@@ -1,5 +1,5 @@
 """The delivery services without sockets: the failover loop with fake
-upstream callables (upstream.deliver), the exactly-once quota settlement
+upstream callables (failover.deliver), the exactly-once quota settlement
 with a recording store (delivery.Settlement), and the upstream-health book
 the store keeps (routing.ErrorBook through store.view)."""
 
@@ -15,7 +15,7 @@ from relayd.errors import StoreError, UpstreamError
 from relayd.policy import Ledger
 from relayd.records import SmtpUser, Upstream
 from relayd.store.view import View
-from relayd.upstream import deliver
+from relayd.failover import deliver
 
 U = [Upstream(idsmtp=f"u{i}", host="h", port=25) for i in range(3)]
 

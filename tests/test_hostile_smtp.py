@@ -35,7 +35,7 @@ import pytest
 
 from conftest import simple_message, sink_upstream
 from helpers_smtp import (SMUGGLED, ConnectionClosed, RawSMTP, Reply, authed, b64, normalised,
-                          open_data, plain_blob, wait_for)
+                          open_data, plain_blob, wait_for, without_trace)
 
 SENDER = "app@example.com"
 RCPT = "to@example.net"
@@ -138,7 +138,10 @@ HOSTILE: list[Case] = [
     Case("escape-sequence-command", "ehlo", b"\x1b[2J\x1b[31mRSET\r\n", ("500",)),
     Case("8bit-command-name", "ehlo", "NÖOP\r\n".encode(), ("500",)),
     Case("8bit-ehlo-argument", "banner", b"EHLO \xff\xfe\r\n", ("500",)),
-    Case("8bit-mail-address", "auth", "MAIL FROM:<jörg@example.com>\r\n".encode(), ("500",)),
+    # UTF-8 in an address needs MAIL's SMTPUTF8 (RFC 6531 3.5; test_esmtp_params.py);
+    # bytes that are not UTF-8 stay a 500, as in every other command.
+    Case("8bit-mail-address", "auth", "MAIL FROM:<jörg@example.com>\r\n".encode(),
+         ("553 5.6.7",)),
     Case("latin1-rcpt-address", "mail", b"RCPT TO:<\xe9@example.net>\r\n", ("500",)),
     Case("nul-in-mail-domain", "auth", b"MAIL FROM:<app@exam\x00ple.com>\r\n", ("553",)),
     Case("nul-in-rcpt-domain", "mail", b"RCPT TO:<to@example.net\x00.evil.test>\r\n",
@@ -425,7 +428,7 @@ async def test_hostile_input(case: Case, relay_factory, sink_factory, provision,
         assert got == [] and sink.transactions == int(case.refused), got
     else:
         assert len(got) == 1 and sink.transactions == 1, got
-        assert got[0].data == case.upstream
+        assert without_trace(got[0].data) == case.upstream
         assert got[0].mail_from == SENDER
         assert len(got[0].rcpt_tos) == case.rcpts
     assert relay.ledger.sent_total(tenant.user) == sum(len(m.rcpt_tos) for m in got)
@@ -474,7 +477,7 @@ async def test_oversize_data_is_discarded_while_reading(relay_factory, sink_fact
     # The session is in step: the next message goes through.
     r = await c.send_message(SENDER, [RCPT], MSG)
     assert r.code == 250, r
-    assert [m.data for m in sink.messages] == [MSG]
+    assert [without_trace(m.data) for m in sink.messages] == [MSG]
     await c.close()
 
 
@@ -558,7 +561,7 @@ async def test_slow_data_client_is_not_cut_off(relay_factory, sink_factory, prov
     c.write(b".\r\n")
     r = await c.reply()
     assert r.code == 250, r
-    assert [m.data for m in sink.messages] == [body]
+    assert [without_trace(m.data) for m in sink.messages] == [body]
     await c.close()
 
 
@@ -584,7 +587,7 @@ async def test_hangup_while_the_upstream_decides(relay_factory, sink_factory, pr
     await wait_for(lambda: not relay.inflight)
     assert relay.ledger.reserved(tenant.user) == 0
     if outcome == "accept":
-        assert [m.data for m in sink.messages] == [MSG]
+        assert [without_trace(m.data) for m in sink.messages] == [MSG]
         assert relay.ledger.sent_total(tenant.user) == 1
         assert (await relay.store.sent_totals())[tenant.user] == 1
     else:
@@ -617,7 +620,8 @@ async def test_starttls_does_not_carry_plaintext_commands_into_tls(
     await c.login(tenant.user, tenant.password)
     r = await c.send_message(SENDER, [RCPT], MSG)
     assert r.code == 250, r
-    assert [(m.mail_from, m.rcpt_tos, m.data) for m in sink.messages] == [(SENDER, [RCPT], MSG)]
+    assert [(m.mail_from, m.rcpt_tos, without_trace(m.data))
+            for m in sink.messages] == [(SENDER, [RCPT], MSG)]
     await c.close()
 
 

@@ -11,6 +11,9 @@ newest):
    before loop.start_tls could take over).
 3. upstream.py looks at aiosmtplib's reply buffer to tell that a pooled
    connection's replies are out of step (no public view of it).
+4. arguments.py (mixed into smtp.py's class) wraps aiosmtpd's per-instance
+   command table and replaces its command length limits (UTF-8 only in
+   MAIL/RCPT addresses; DSN's longer commands).
 """
 
 from __future__ import annotations
@@ -123,3 +126,28 @@ def test_ci_lower_bounds_are_pyprojects():
             name, _, ver = line.partition("==")
             pinned[name.strip().lower()] = Version(ver.strip())
     assert pinned == declared
+
+
+def test_aiosmtpd_command_table_and_limits_arguments_py_relies_on():
+    """arguments.py wraps each entry of aiosmtpd's per-instance command table
+    (``_smtp_methods``, looked up by _handle_client and HELP) and replaces the
+    class-level ``command_size_limits`` with its own; with enable_SMTPUTF8
+    aiosmtpd decodes arguments as UTF-8 with surrogateescape."""
+    src = inspect.getsource(aiosmtpd.smtp.SMTP._handle_client)
+    assert "self._smtp_methods.get(command)" in src
+    assert "self.command_size_limits[command]" in src
+    assert "surrogateescape" in src and "self.enable_SMTPUTF8" in src
+    assert aiosmtpd.smtp.SMTP.command_size_limit == 512
+    assert "enable_SMTPUTF8" in inspect.signature(aiosmtpd.smtp.SMTP.__init__).parameters
+    smtp_mail = inspect.getsource(aiosmtpd.smtp.SMTP.smtp_MAIL)
+    assert "self._getaddr(arg)" in smtp_mail and "_call_handler_hook('MAIL'" in smtp_mail
+
+
+def test_aiosmtplib_ehlo_knowledge_upstream_py_relies_on():
+    """upstream.py sends EHLO once per connection when aiosmtplib has not
+    (connect() does only for STARTTLS) and reads the keywords publicly."""
+    client = aiosmtplib.SMTP()
+    assert client.is_ehlo_or_helo_needed
+    client.esmtp_extensions = {"8bitmime": ""}
+    assert client.supports_extension("8BITMIME") and not client.supports_extension("DSN")
+    assert "encoding" in inspect.signature(aiosmtplib.SMTP.mail).parameters

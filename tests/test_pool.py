@@ -46,7 +46,7 @@ async def test_never_shared_between_credentials(relay, sink_factory, provision):
     client = await smtp_client(relay, bad)
     with pytest.raises(aiosmtplib.SMTPDataError) as err:
         await client.sendmail("app@example.com", ["r@example.net"], simple_message())
-    assert "451" in str(err.value) and "AUTH failed" in str(err.value)
+    assert "451" in str(err.value) and "AUTH refused" in str(err.value)
     await client.quit()
     assert len(sink.messages) == 1 and sink.messages[0].auth == "right"
 

@@ -11,7 +11,7 @@ import os
 import pytest
 
 from conftest import sink_upstream
-from helpers_smtp import authed, dot_stuff, mail_lines, rich_message
+from helpers_smtp import authed, dot_stuff, mail_lines, rich_message, without_trace
 from relayd import rewrite
 from relayd.policy import format_from, rewrite_verdict
 from relayd.records import Upstream
@@ -180,8 +180,9 @@ async def test_rewrite_end_to_end_byte_for_byte(relay, sink_factory, provision, 
         kept = [data[s:e] for s, e, n in rewrite.fields(data) if n not in (b"from", b"reply-to")]
         return b"".join(kept) + data[end:]
 
-    assert without_from_and_reply_to(got.data) == without_from_and_reply_to(msg)
-    assert got.data == msg.replace(
+    data = without_trace(got.data)
+    assert without_from_and_reply_to(data) == without_from_and_reply_to(msg)
+    assert data == msg.replace(
         ORIG_FROM, NEW_FROM + b"Reply-To: Alice Example <alice@other.test>\r\n", 1)
     assert [line["rewrite"] for line in mail_lines(caplog.records)] == ["yes"]
 
@@ -192,7 +193,7 @@ async def test_existing_reply_to_is_kept_end_to_end(relay, sink_factory, provisi
         sink, defaultfromemail=DEFAULT, defaultfromname=NAME)])
     msg = rich_message(extra_headers=b"Reply-To: Help Desk <help@other.test>\r\n")
     assert (await send_raw(relay, tenant, "alice@other.test", msg)).code == 250
-    assert sink.messages[0].data == msg.replace(ORIG_FROM, NEW_FROM, 1)
+    assert without_trace(sink.messages[0].data) == msg.replace(ORIG_FROM, NEW_FROM, 1)
 
 
 @pytest.mark.parametrize("sender", ["alice@allowed.test", "alice@corp.test"])
@@ -203,7 +204,7 @@ async def test_allowed_sender_is_not_rewritten(relay, sink_factory, provision, c
     msg = rich_message(sender=f"Alice <{sender}>")
     assert (await send_raw(relay, tenant, sender, msg)).code == 250
     got = sink.messages[0]
-    assert (got.mail_from, got.data) == (sender, msg)
+    assert (got.mail_from, without_trace(got.data)) == (sender, msg)
     assert [line["rewrite"] for line in mail_lines(caplog.records)] == ["no"]
 
 
@@ -216,7 +217,7 @@ async def test_foreign_from_header_with_allowed_envelope_is_rewritten(relay, sin
     assert (await send_raw(relay, tenant, "bounce@allowed.test", msg)).code == 250
     got = sink.messages[0]
     assert got.mail_from == DEFAULT
-    assert got.data.startswith(b"Return-Path: <ignored@other.test>\r\n" + NEW_FROM)
+    assert without_trace(got.data).startswith(b"Return-Path: <ignored@other.test>\r\n" + NEW_FROM)
 
 
 async def test_upstream_without_default_sender_forwards_unchanged(relay, sink_factory,
@@ -225,7 +226,8 @@ async def test_upstream_without_default_sender_forwards_unchanged(relay, sink_fa
     tenant = await provision(relay, upstreams=[sink_upstream(sink)])
     msg = rich_message()
     assert (await send_raw(relay, tenant, "alice@other.test", msg)).code == 250
-    assert (sink.messages[0].mail_from, sink.messages[0].data) == ("alice@other.test", msg)
+    got = sink.messages[0]
+    assert (got.mail_from, without_trace(got.data)) == ("alice@other.test", msg)
 
 
 async def test_rewrite_is_decided_per_attempted_upstream(relay, sink_factory, provision):
@@ -236,7 +238,8 @@ async def test_rewrite_is_decided_per_attempted_upstream(relay, sink_factory, pr
         sink_upstream(plain, priority=1)])
     msg = rich_message()
     assert (await send_raw(relay, tenant, "alice@other.test", msg)).code == 250
-    assert (plain.messages[0].mail_from, plain.messages[0].data) == ("alice@other.test", msg)
+    got = plain.messages[0]
+    assert (got.mail_from, without_trace(got.data)) == ("alice@other.test", msg)
     # ...and the other way round.
     rewriting.mode, plain.mode = "accept", "tempfail"
     tenant2 = await provision(relay, plan="paid", strategy="priority", upstreams=[
@@ -244,4 +247,4 @@ async def test_rewrite_is_decided_per_attempted_upstream(relay, sink_factory, pr
         sink_upstream(rewriting, priority=1, defaultfromemail=DEFAULT, defaultfromname=NAME)])
     assert (await send_raw(relay, tenant2, "alice@other.test", msg)).code == 250
     assert rewriting.messages[0].mail_from == DEFAULT
-    assert NEW_FROM in rewriting.messages[0].data
+    assert NEW_FROM in without_trace(rewriting.messages[0].data)

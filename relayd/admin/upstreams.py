@@ -27,8 +27,8 @@ Status codes: 200; 400 missing or mistyped parameter (``{"code":400,...}``);
 A failed check (406, code 5) quotes the target's answer only when it is an
 SMTP reply; for anything else it says "not an SMTP server" or what happened
 in plain words ("connection refused", "timed out after 5 s", "TLS
-certificate not trusted"), never a byte of a foreign service's banner
-(``check_failure``).
+certificate not trusted"), never a byte of a foreign service's banner: the
+classification DATA's 451/554 use too (``upstream.describe``, SPEC 3.18).
 """
 
 from __future__ import annotations
@@ -37,19 +37,13 @@ import email.message
 import email.policy
 import email.utils
 import logging
-import os
-import socket
-import ssl
 from typing import TYPE_CHECKING, Any, Literal
-
-import aiosmtplib
 
 from .. import tenants as rules
 from ..errors import NotFound, RecordError, UpstreamError
 from ..maillog import event
 from ..policy import format_from
 from ..records import Upstream
-from ..replies import one_line
 from ..tenants import Tenants
 from ..upstream import send_once
 from .fields import (DomainName, Email, HeaderText, Hostname, Id, Model, NonNegativeInt, Port,
@@ -174,63 +168,6 @@ def check_message(u: Upstream, sender: str, to: str, hostname: str) -> bytes:
     return msg.as_bytes(policy=email.policy.SMTP)
 
 
-NOT_SMTP = "not an SMTP server (its answer is not an SMTP reply)"
-CHAIN_DEPTH = 8               # errors behind an UpstreamError worth looking at
-
-
-def _causes(exc: BaseException) -> list[BaseException]:
-    """The errors behind ``exc``, nearest first. send_once raises its
-    UpstreamError inside the except clause that classified the failure, so
-    that failure is the error's __context__ (PEP 3134: ``from None`` only
-    hides it from tracebacks); aiosmtplib chains the OSError under its own."""
-    found: list[BaseException] = []
-    e = exc.__cause__ or exc.__context__
-    while e is not None and e not in found and len(found) < CHAIN_DEPTH:
-        found.append(e)
-        e = e.__cause__ or e.__context__
-    return found
-
-
-def check_failure(exc: UpstreamError, connect_timeout: float, command_timeout: float) -> str:
-    """What the 406 of a failed check says. The target's own words are quoted
-    only when they are an SMTP reply (a code 200-599 and its text); any other
-    answer is "not an SMTP server", without a byte of it, so that check cannot
-    be pointed at another service to read its banner (a port scanner with a
-    window). Connection failures are told in plain words: no exception names,
-    no errno text, no address."""
-    causes = _causes(exc)
-    for e in causes:
-        if isinstance(e, aiosmtplib.SMTPResponseException):
-            if not 200 <= e.code <= 599:      # aiosmtplib's -1: not a reply line
-                return NOT_SMTP
-            auth = isinstance(e, aiosmtplib.SMTPAuthenticationError)
-            return ("AUTH refused: " if auth else "") + one_line(f"{e.code} {e.message}")
-        if isinstance(e, ssl.SSLCertVerificationError):
-            return "TLS certificate not trusted"
-        if isinstance(e, ssl.SSLError):
-            return "TLS negotiation failed"
-        if isinstance(e, aiosmtplib.SMTPConnectTimeoutError):    # connect and greeting
-            return f"timed out after {connect_timeout:g} s"
-        if isinstance(e, TimeoutError):
-            return f"timed out after {command_timeout:g} s"
-        if isinstance(e, ConnectionRefusedError):
-            return "connection refused"
-        if isinstance(e, socket.gaierror):
-            return "host name does not resolve"
-        if type(e) in (aiosmtplib.SMTPException, aiosmtplib.SMTPNotSupported):
-            # aiosmtplib's own complaint about what the server offers (its
-            # words, not the server's): STARTTLS or AUTH missing.
-            missing = next((x for x in ("STARTTLS", "AUTH") if x in str(e)), "an extension")
-            return f"the server does not offer {missing}"
-        if isinstance(e, (aiosmtplib.SMTPServerDisconnected, ConnectionResetError,
-                          BrokenPipeError)):
-            return "the server closed the connection"
-    for e in causes:
-        if isinstance(e, OSError) and e.errno:
-            return os.strerror(e.errno).lower()           # "no route to host"
-    return "connection failed"
-
-
 class Smtps:
     def __init__(self, relay: Relay, tenants: Tenants):
         self.relay = relay
@@ -286,11 +223,11 @@ class Smtps:
                                     connect_timeout=timeouts.connect,
                                     command_timeout=timeouts.command)
         except UpstreamError as exc:
-            detail = check_failure(exc, timeouts.connect, timeouts.command)
-            # The log keeps the target's answer as it came, for the operator.
+            # The log keeps the technical account, the target's answer as it
+            # came included, for the operator.
             event(log, logging.INFO, "smtp_check", upstream=u.idsmtp, host=u.host,
-                  result="failed", detail=detail, reply=exc.reply)
-            raise refused(CHECK_FAILED, detail) from None
+                  result="failed", detail=exc.reply, reply=exc.detail)
+            raise refused(CHECK_FAILED, exc.reply) from None
         event(log, logging.INFO, "smtp_check", upstream=u.idsmtp, host=u.host, result="ok",
               reply=reply)
         return empty_response()
