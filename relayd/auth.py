@@ -66,6 +66,7 @@ class AuthCommands:
         raw = challenge.encode() if isinstance(challenge, str) else challenge
         await self.push(b"334 " + (b64encode(raw) if encode_to_b64 else raw))
         reader = self.client_reader
+        reader.secret = True                     # never logged (protolog.py)
         try:
             try:
                 line = await reader.readuntil(b"\n")
@@ -82,6 +83,8 @@ class AuthCommands:
         except asyncio.IncompleteReadError:    # the client hung up mid-AUTH
             self.close()
             return MISSING
+        finally:
+            reader.secret = False
         blob = line.strip()
         if blob == b"*":                         # RFC 4954 4: the client cancels
             await self.push(replies.AUTH_ABORTED)
@@ -149,7 +152,10 @@ class AuthMechanisms:
         user = relay.store.check_password(name, secret) if name and secret else None
         if user is None:
             metrics.AUTH_ATTEMPTS.labels("failure").inc()
+            # locked() was False just above, so True here is the moment of locking.
             locked = relay.throttle.failure(session.ip, now)
+            if locked:
+                metrics.LOCKOUTS.inc()
             # Only a real user name is logged: what a client typed into the
             # user field may be its password.
             known = relay.store.get_user(name) is not None

@@ -71,13 +71,16 @@ def recorder(relay: Relay) -> Callable[[Upstream, str, str], Awaitable[None]]:
     """How an attempt is counted: 'ok' resets numerrors, 'error' increments
     it, 'refused' (a permanent 5xx about the message) and 'skipped' (the
     upstream lacks an extension this message needs, SPEC 3.15) leave it
-    alone."""
+    alone. ``reply`` is the attempt's reply as a client may read it (SPEC
+    3.18): an error's is kept as its reason (SPEC 4.6)."""
     async def record(u: Upstream, result: str, reply: str) -> None:
         metrics.UPSTREAM_ATTEMPTS.labels(u.idsmtp, result).inc()
         if result in ("refused", "skipped"):
             return
+        ok = result == "ok"
         try:
-            await relay.store.record_upstream_result(u.idsmtp, result == "ok", time.time())
+            await relay.store.record_upstream_result(
+                u.idsmtp, ok, time.time(), None if ok else replies.one_line(reply) or None)
         except StoreError:
             log.exception("cannot record the result of upstream %s", u.idsmtp)
     return record

@@ -76,8 +76,9 @@ class Outcome:
 
 # prepare(upstream) -> (envelope sender, message bytes, rewritten?)
 Prepare = Callable[[Upstream], tuple[str, bytes, bool]]
-# record(upstream, "ok" | "error" | "refused" | "skipped", detail): count
-# errors, reset on success
+# record(upstream, "ok" | "error" | "refused" | "skipped", reply): count
+# errors (the reply, as a client may read it, is the error's reason), reset
+# on success
 Record = Callable[[Upstream, str, str], Awaitable[None]]
 
 
@@ -92,7 +93,7 @@ async def deliver(candidates: Sequence[Upstream], recipients: Sequence[str], pre
     ``prepare`` returns each upstream's message in DATA wire form
     (dot-stuffed, as received). ``send`` is one attempt (send_once; tests
     pass their own). A failed attempt's reply is what a client may read of
-    it (``for_client``), its detail goes to ``record`` and the mail log."""
+    it (``for_client``) and goes to ``record``; its detail to the mail log."""
     send = send or send_once
     outcome = Outcome()
     loop = asyncio.get_running_loop()
@@ -131,7 +132,7 @@ async def deliver(candidates: Sequence[Upstream], recipients: Sequence[str], pre
         # the server's fault, counted, and no failover (a duplicate).
         # Skipped: this message's need, not the server's fault (SPEC 3.15).
         result = "skipped" if err.skipped else "refused" if err.permanent else "error"
-        await record(u, result, err.detail)
+        await record(u, result, outcome.attempts[-1].reply)
         if err.permanent or err.unconfirmed:
             break
     return outcome

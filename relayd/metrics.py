@@ -64,6 +64,12 @@ CONFIG_RELOADS = Counter(
 FROM_REWRITES = Counter(
     "relayd_from_rewrites", "Messages whose sender was rewritten to an upstream's default.",
     registry=REGISTRY)
+LOCKOUTS = Counter(
+    "relayd_lockouts", "Client IPs locked out after too many failed AUTHs in the window.",
+    registry=REGISTRY)
+LOCKOUTS_CLEARED = Counter(
+    "relayd_lockouts_cleared", "Lockouts lifted by the operator (DELETE /admin/lockouts/{ip}).",
+    registry=REGISTRY)
 
 for _result in ("delivered", "deferred", "unconfirmed", "bounced", "rejected", "error"):
     MESSAGES.labels(_result)

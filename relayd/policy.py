@@ -202,6 +202,17 @@ def format_from(name: str | None, address: str) -> str:
 # Failed-AUTH throttling (SPEC 3.2, 3.11)
 
 
+@dataclass(frozen=True)
+class Lockout:
+    """One locked-out client address: its failures in the window and the
+    ``time.monotonic()`` instant the window frees it (callers convert it to
+    wall-clock time for display)."""
+
+    ip: str
+    failures: int
+    until: float
+
+
 class AuthThrottle:
     """Failed AUTHs per client IP in a sliding window. ``max_ips`` bounds
     memory against address-hopping attackers: beyond it the oldest entries
@@ -236,6 +247,25 @@ class AuthThrottle:
             q = self._failures[ip] = deque(maxlen=self.max_failures)
         q.append(now)
         return len(q) >= self.max_failures
+
+    def lockouts(self, now: float) -> list[Lockout]:
+        """The IPs locked out at ``now`` (SPEC 4.6), oldest lock first. An IP
+        is freed when its ``max_failures``-th newest failure leaves the window."""
+        out = []
+        for ip in list(self._failures):
+            q = self._recent(ip, now)
+            if q is not None and len(q) >= self.max_failures:
+                out.append(Lockout(ip, len(q), q[-self.max_failures] + self.window))
+        out.sort(key=lambda lo: (lo.until, lo.ip))
+        return out
+
+    def clear(self, ip: str, now: float) -> bool:
+        """Lift ``ip``'s lockout, forgetting its failures; False (and nothing
+        changed) if it was not locked at ``now``."""
+        if not self.locked(ip, now):
+            return False
+        del self._failures[ip]
+        return True
 
     def reconfigure(self, max_failures: int, window: float) -> None:
         self.max_failures, self.window = max_failures, window

@@ -81,6 +81,9 @@ class ErrorBook:
 
     def __init__(self) -> None:
         self._book: dict[str, tuple[int, float | None]] = {}
+        # The last error's reason (SPEC 3.18 wording, as a client may read
+        # it), kept after a success as the last error's time is (SPEC 4.6).
+        self._reasons: dict[str, str] = {}
 
     def get(self, idsmtp: str) -> tuple[int, float | None]:
         return self._book.get(idsmtp, (0, None))
@@ -91,12 +94,21 @@ class ErrorBook:
             return u
         return replace(u, numerrors=n, last_error=last)
 
-    def set(self, idsmtp: str, n: int, last: float | None) -> None:
+    def set(self, idsmtp: str, n: int, last: float | None, reason: str | None = None) -> None:
         self._book[idsmtp] = (n, last)
+        if reason is None:
+            self._reasons.pop(idsmtp, None)
+        else:
+            self._reasons[idsmtp] = reason
+
+    def reason(self, idsmtp: str) -> str | None:
+        """The last error's reason, or None."""
+        return self._reasons.get(idsmtp)
 
     def forget(self, idsmtps: set[str]) -> None:
         for i in idsmtps:
             self._book.pop(i, None)
+            self._reasons.pop(i, None)
 
     def counts(self) -> list[tuple[str, int]]:
         return [(k, n) for k, (n, _) in self._book.items()]
@@ -104,7 +116,21 @@ class ErrorBook:
     def domain_counts(self) -> list[tuple[str, int]]:
         return [(k, n) for k, (n, _) in self._book.items() if k.startswith("domain:")]
 
-    def record(self, idsmtp: str, ok: bool, now: float) -> int:
+    def record(self, idsmtp: str, ok: bool, now: float, reason: str | None = None) -> int:
         n, last = self.get(idsmtp)
         self._book[idsmtp] = (0, last) if ok else (n + 1, now)
+        if not ok:
+            if reason:
+                self._reasons[idsmtp] = reason
+            else:
+                self._reasons.pop(idsmtp, None)
         return self._book[idsmtp][0]
+
+    def health(self, u: Upstream, now: float, rules: FailoverRules) -> dict[str, object]:
+        """``u``'s health as the operator sees it (SPEC 4.6): numerrors,
+        last_error_at (Unix time or None; the caller formats it), last_error
+        (the reason) and cooling_down."""
+        h = self.apply(u)
+        return {"numerrors": h.numerrors, "last_error_at": h.last_error,
+                "last_error": self.reason(u.idsmtp) if h.last_error is not None else None,
+                "cooling_down": cooling_down(h, now, rules)}

@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING
 from aiosmtpd.smtp import SMTP, Envelope, TLSSetupException, syntax
 from aiosmtpd.smtp import Session as _Session
 
-from . import admission, arguments, auth, delivery, ehlo, esmtp, metrics, replies, replywire, wire
+from . import (admission, arguments, auth, delivery, ehlo, esmtp, metrics, protolog, replies,
+               replywire, wire)
 from .errors import NotFound
 from .maillog import event
 from .esmtp import MailParams, RcptParams
@@ -118,6 +119,8 @@ class RelaySMTP(auth.AuthCommands, arguments.ArgumentCommands, SMTP):
         # stopped at close): the StreamReaderProtocol set-up aiosmtpd's
         # __init__ just did, done again with that reader.
         self.client_reader = wire.ClientReader(limit=self.line_length_limit, loop=self.loop)
+        self.client_reader.on_line = lambda line, secret: protolog.client_line(
+            getattr(self.session, "id", "-"), line, secret)
         asyncio.StreamReaderProtocol.__init__(
             self, self.client_reader, client_connected_cb=self._cb_client_connected,
             loop=self.loop)
@@ -220,6 +223,7 @@ class RelaySMTP(auth.AuthCommands, arguments.ArgumentCommands, SMTP):
         if reply is None:
             return
         await super().push(reply)
+        protolog.client_reply(getattr(self.session, "id", "-"), reply)
         if reply.startswith(b"421"):
             # RFC 5321 3.8: 421 closes the channel. Nothing pipelined may run
             # until the close (MAIL's drain 421 closes an iteration later).

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import aiosmtplib
 
-from . import esmtp
+from . import esmtp, protolog
 from .errors import UpstreamError
 from .esmtp import MailParams, RcptParams
 from .pool import Pool, quit_politely
@@ -274,20 +274,23 @@ def for_client(u: Upstream, text: str) -> str:
                   flags=re.IGNORECASE)
 
 
-async def _envelope(client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str],
-                    mail_params: MailParams, rcpt_params: Sequence[RcptParams]) -> None:
+async def _envelope(u: Upstream, client: aiosmtplib.SMTP, sender: str,
+                    recipients: Sequence[str], mail_params: MailParams,
+                    rcpt_params: Sequence[RcptParams]) -> None:
     """MAIL and RCPTs with the parameters this upstream takes. Addresses go
     as UTF-8 only with SMTPUTF8 relayed (RFC 6531 3.4); without it they are
     ASCII (missing_extension held the message back otherwise)."""
     supports = client.supports_extension
     utf8 = mail_params.smtputf8 and supports("SMTPUTF8")
     encoding = "utf-8" if utf8 else "ascii"
-    await client.mail(sender, options=esmtp.mail_options(mail_params, supports),
-                      encoding=encoding)
+    options = esmtp.mail_options(mail_params, supports)
+    reply = await client.mail(sender, options=options, encoding=encoding)
+    protolog.upstream_step(u.idsmtp, " ".join([f"MAIL FROM:<{sender}>", *options]), reply)
     for i, rcpt in enumerate(recipients):
         params = rcpt_params[i] if i < len(rcpt_params) else RcptParams()
-        await client.rcpt(rcpt, options=esmtp.rcpt_options(params, supports),
-                          encoding=encoding)
+        options = esmtp.rcpt_options(params, supports)
+        reply = await client.rcpt(rcpt, options=options, encoding=encoding)
+        protolog.upstream_step(u.idsmtp, " ".join([f"RCPT TO:<{rcpt}>", *options]), reply)
 
 
 async def send_once(u: Upstream, sender: str, recipients: Sequence[str], message: bytes, *,
@@ -330,9 +333,10 @@ async def send_once(u: Upstream, sender: str, recipients: Sequence[str], message
         try:
             if reused:
                 await client.rset()             # clean state, and proof of life
-            await _envelope(client, sender, recipients, mail_params, rcpt_params)
+            await _envelope(u, client, sender, recipients, mail_params, rcpt_params)
             before_data = False
             response = await _data(client, payload, progress)
+            protolog.upstream_step(u.idsmtp, f"DATA ({sum(map(len, payload))} bytes)", response)
             keep = _in_step(client)
             return _reply(response.code, response.message)
         except (aiosmtplib.SMTPException, OSError) as exc:

@@ -47,6 +47,9 @@ class ClientReader(asyncio.StreamReader):
 
     bare_lf = False
     stopped = False
+    # Told every line read (protolog.py); ``secret`` while an AUTH answer is read.
+    on_line: Callable[[bytes, bool], None] | None = None
+    secret = False
 
     def stop(self) -> None:
         self.stopped = True
@@ -60,6 +63,8 @@ class ClientReader(asyncio.StreamReader):
         self._check()
         line = await super().readuntil(separator)
         self.bare_lf = not line.endswith(b"\r\n")
+        if self.on_line is not None:
+            self.on_line(line, self.secret)
         return line
 
     async def read(self, n: int = -1) -> bytes:

@@ -147,6 +147,51 @@ async def test_upstream_error_counting(store: Store):
     assert (await store.get_upstream(up.idsmtp)).numerrors == 0
 
 
+async def test_upstream_error_reason_is_persisted_and_reloaded(tmp_path: Path):
+    """SPEC 4.6: an own upstream's last error's reason survives a restart."""
+    path = tmp_path / "relayd.db"
+    s = Store(path)
+    await s.open()
+    owner, _, app = await s.create_owner("free")
+    up = await s.create_upstream({"idapp": app.idapp, "host": "h", "port": 25})
+    await s.record_upstream_result(up.idsmtp, False, 10.0, "connection refused")
+    assert s.view.health.reason(up.idsmtp) == "connection refused"
+    await s.close()
+    s2 = Store(path)
+    await s2.open()
+    assert s2.view.health.get(up.idsmtp) == (1, 10.0)
+    assert s2.view.health.reason(up.idsmtp) == "connection refused"
+    await s2.close()
+
+
+async def test_migration_1_to_2_upgrades_an_old_database_in_place(tmp_path: Path):
+    from relayd.store.schema import MIGRATIONS
+    path = tmp_path / "relayd.db"
+    con = sqlite3.connect(path)
+    con.executescript(MIGRATIONS[0])
+    con.execute("PRAGMA user_version = 1")
+    con.execute("INSERT INTO owners VALUES ('o1', 'x', 'paid', '2026-01-01T00:00:00.000')")
+    con.execute("INSERT INTO apps VALUES ('a1', 'o1', 'App', 'random', NULL, "
+                "'2026-01-01T00:00:00.000')")
+    con.execute("INSERT INTO upstreams (idsmtp, idapp, host, port, numerrors, last_error, "
+                "created, modified) VALUES ('u1', 'a1', 'h', 25, 3, 42.0, "
+                "'2026-01-01T00:00:00.000', '2026-01-01T00:00:00.000')")
+    con.commit()
+    con.close()
+    s = Store(path)
+    await s.open()
+    row = await (await s.db.execute("PRAGMA user_version")).fetchone()
+    assert row[0] == SCHEMA_VERSION >= 2
+    got = await s.get_upstream("u1")                     # the old row is still there
+    assert (got.numerrors, got.last_error, got.host) == (3, 42.0, "h")
+    assert s.view.health.reason("u1") is None           # the new column, NULL
+    await s.record_upstream_result("u1", False, 50.0, "timed out after 10 s")
+    row = await (await s.db.execute(
+        "SELECT last_error_reason FROM upstreams WHERE idsmtp = 'u1'")).fetchone()
+    assert row[0] == "timed out after 10 s"
+    await s.close()
+
+
 async def test_removing_owner_cascades(store: Store):
     owner, _, app = await store.create_owner("free")
     user, password = await store.create_user(owner.owner_id, app.idapp, 10, 10)

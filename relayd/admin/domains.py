@@ -1,7 +1,9 @@
 """Per-domain email settings in the Webitel dialect (SPEC 4.3; seed 004).
 
 Credentials: headers ``X-Key: <owner_id>`` and ``X-Access-Token: <token>``.
-One resource, ``/api/v2/email/settings?domain=D``:
+One resource, ``/api/v2/email/settings?domain=D``, also answered as
+``/engine/api/v2/email/settings?domain=D`` (the path of seed 004's curl
+examples; same handlers, same errors):
 
     GET     -> the settings (404 when there are none)
     POST    create, or replace existing settings of D -> the settings
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
 MISSING = (401, "X-Key and X-Access-Token headers are required")
 INVALID = (403, "Credentials not valid")
 PATH = "/api/v2/email/settings"
+ENGINE = "/engine"    # seed 004's curl examples put every route under /engine (SPEC 4.6)
 
 
 def _render(err: ApiError) -> Response:
@@ -55,7 +58,8 @@ def _refused(exc: RecordError) -> ApiError:
     return ApiError(400, exc.message)     # the mask with no password stored to keep
 
 
-DIALECT = Dialect("webitel", ("/api/v2/email/",), _render, refused=_refused)
+DIALECT = Dialect("webitel", ("/api/v2/email/", f"{ENGINE}/api/v2/email/"), _render,
+                  refused=_refused)
 
 
 class TlsOptions(Model):
@@ -153,5 +157,6 @@ class Webitel:
 
 def routes(relay: Relay, tenants: Tenants) -> list[Route]:
     api = Webitel(relay, tenants)
-    return [Route(method, PATH, handler, DIALECT) for method, handler in (
-        ("GET", api.get), ("POST", api.post), ("PUT", api.put), ("DELETE", api.delete))]
+    return [Route(method, prefix + PATH, handler, DIALECT) for prefix in ("", ENGINE)
+            for method, handler in (
+                ("GET", api.get), ("POST", api.post), ("PUT", api.put), ("DELETE", api.delete))]

@@ -2,7 +2,7 @@
 
 Strict pydantic models with the seed spellings as aliases (``Model``,
 ``spellings``), the field types of SPEC 4.5 (positive integers below 2^63,
-ports, e-mail addresses, host names, text that reaches a header or an SMTP
+ports -- both also given as a JSON string of decimal digits, SPEC 4.6 -- e-mail addresses, host names, text that reaches a header or an SMTP
 command and so may hold no CR, LF or NUL), ``validate`` (form and query
 values converted, errors as one 400 line that never quotes the input) and
 ``authenticate``: the owner a request acts for.
@@ -22,8 +22,8 @@ import types
 import typing
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar, Union
 
-from pydantic import (AfterValidator, AliasChoices, BaseModel, ConfigDict, Field,
-                      ValidationError, model_validator)
+from pydantic import (AfterValidator, AliasChoices, BaseModel, BeforeValidator, ConfigDict,
+                      Field, ValidationError, model_validator)
 from pydantic.fields import FieldInfo
 
 from ..errors import NotFound
@@ -89,9 +89,23 @@ def _email(value: str) -> str:
 HeaderText = Annotated[str, Field(max_length=998), AfterValidator(_no_ctl)]
 FreeText = Annotated[str, Field(max_length=4096), AfterValidator(_no_nul)]
 Id = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_no_ctl)]
-PositiveInt = Annotated[int, Field(gt=0, lt=2**63)]
-NonNegativeInt = Annotated[int, Field(ge=0, lt=2**63)]
-Port = Annotated[int, Field(ge=1, le=65535)]
+_DIGITS = re.compile(r"[0-9]{1,30}")
+
+
+def _digit_string(value: Any) -> Any:
+    """SPEC 4.6: a JSON string of decimal digits (``"200"``, as seed 001's own
+    listSmtp answer has it) is the integer; "", "-1", "1e3", " 2", "0x10"
+    stay strings and fail the strict int check. Booleans are left alone."""
+    if isinstance(value, str) and _DIGITS.fullmatch(value):
+        return int(value)
+    return value
+
+
+_Digits = BeforeValidator(_digit_string)
+# Shared by the seed dialects only: the operator API has no integer field.
+PositiveInt = Annotated[int, Field(gt=0, lt=2**63), _Digits]
+NonNegativeInt = Annotated[int, Field(ge=0, lt=2**63), _Digits]
+Port = Annotated[int, Field(ge=1, le=65535), _Digits]
 Email = Annotated[str, AfterValidator(_email)]
 Hostname = Annotated[str, AfterValidator(_host)]
 DomainName = Annotated[str, AfterValidator(_domain)]

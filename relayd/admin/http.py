@@ -57,6 +57,7 @@ from typing import Any
 
 import h11
 
+from .. import protolog
 from ..errors import NotFound, RecordError
 from .peers import PerAddress, address_key
 from .request import Request
@@ -191,6 +192,8 @@ class _Connection:
             if req is None:
                 return
             response = await self.server.router.dispatch(req)
+            protolog.admin_request(self.server.name, req.method, req.path, response.status,
+                                   _owner_named(req))
             if not await self.send(response):
                 return
             if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
@@ -342,6 +345,14 @@ _PROTOCOL_MESSAGES = {
     505: "HTTP/1.1 only",
     501: "unsupported transfer coding",
 }
+
+
+def _owner_named(req: Request) -> str | None:
+    """The owner id a request names (header or query), for the debug log."""
+    try:
+        return req.header("X-Relayd-Owner") or req.query().get("owner_id")
+    except ApiError:
+        return None
 
 
 class HttpServer(asyncio.AbstractServer):

@@ -19,6 +19,8 @@ Route table (JSON bodies; list routes answer a JSON array):
     GET    /admin/users/{smtp_user_name}   the SMTP user with its owner_id (no password)
     GET    /admin/smtps/{idsmtp}           the upstream record (masked) with its owner_id
     GET    /admin/domains?owner_id=        [domain settings, ...]  (masked)
+    GET    /admin/lockouts                 [{ip, failures, locked_until}, ...]  (SPEC 4.6)
+    DELETE /admin/lockouts/{ip}            {ip, cleared: true}  (404 if it was not locked)
 
 owner = {owner_id, plan, created, idapp (default app), apps (count)};
 app = {idapp, owner_id, name, strategy, test_email, created}.
@@ -36,13 +38,18 @@ plan -- code 3 as in the SMTPs dialect -- or removing an owner's last app),
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
-from .. import __version__
+from .. import __version__, metrics
 from ..errors import RecordError
+from ..maillog import event
 from ..records import App, Owner
+from ..routing import FailoverRules
 from ..tenants import Tenants
+from ..timefmt import iso_z
 from .fields import Email, HeaderText, Id, Model, validate
 from .http import Route
 from .request import Request
@@ -52,6 +59,8 @@ from .views import domain_json, upstream_json
 
 if TYPE_CHECKING:
     from ..daemon import Relay
+
+log = logging.getLogger("relayd.admin")
 
 Plan = Literal["free", "paid"]
 Strategy = Literal["random", "priority"]
@@ -106,7 +115,7 @@ class OwnerRef(Model):
 
 def app_json(a: App) -> dict[str, Any]:
     return {"idapp": a.idapp, "owner_id": a.owner_id, "name": a.name, "strategy": a.strategy,
-            "test_email": a.test_email, "created": a.created}
+            "test_email": a.test_email, "created": iso_z(a.created)}
 
 
 class Operator:
@@ -130,19 +139,30 @@ class Operator:
         if relay.metrics_port is not None:
             listeners.append({"kind": "metrics", "address": cfg.metrics.listen,
                               "port": relay.metrics_port})
-        system = [relay.errors.apply(u) for u in relay.system]
+        # Health (SPEC 4.6): numerrors, last_error_at, last_error (the
+        # reason, worded as in SPEC 3.18) and cooling_down, for every kind.
+        now = time.time()
+        f = cfg.failover
+        rules = FailoverRules(f.max_errors, f.cooldown, f.max_attempts)
+
+        def shown(h: dict[str, Any]) -> dict[str, Any]:
+            return {**h, "last_error_at": iso_z(h["last_error_at"])}
+
+        system = [{"idsmtp": u.idsmtp, "host": u.host, "port": u.port,
+                   **relay.errors.health(u, now, rules)} for u in relay.system]
         return json_response({
             "version": __version__,
             "hostname": relay.hostname,
             "config_generation": relay.generation,
-            "uptime": int(time.time() - relay.started_at),
+            "started": iso_z(relay.started_at),
+            "uptime": int(now - relay.started_at),
             "draining": relay.draining,
             "sessions": len(relay.sessions),
             "listeners": listeners,
-            "upstreams": await relay.store.upstream_health(),
-            "system_smtps": [{"idsmtp": u.idsmtp, "host": u.host, "port": u.port,
-                              "numerrors": u.numerrors, "last_error": u.last_error}
-                             for u in system],
+            "upstreams": [shown(h) for h in relay.store.view.upstream_health(now, rules)],
+            "system_smtps": [shown(h) for h in system],
+            "domain_routes": [shown(h)
+                              for h in relay.store.view.domain_route_health(now, rules)],
         })
 
     # ------------------------------------------------------------ owners
@@ -150,7 +170,7 @@ class Operator:
     async def _owner_json(self, owner: Owner) -> dict[str, Any]:
         apps = await self.relay.store.list_apps(owner.owner_id)
         default = await self.relay.store.default_app(owner.owner_id) if apps else None
-        return {"owner_id": owner.owner_id, "plan": owner.plan, "created": owner.created,
+        return {"owner_id": owner.owner_id, "plan": owner.plan, "created": iso_z(owner.created),
                 "idapp": default.idapp if default else None, "apps": len(apps)}
 
     async def list_owners(self, req: Request) -> Response:
@@ -215,19 +235,47 @@ class Operator:
         return json_response({"smtp_user_name": user.name, "owner_id": user.owner_id,
                               "idapp": user.idapp, "status": user.status,
                               "total_limit": user.total_limit,
-                              "hourly_limit": user.hourly_limit, "created": user.created})
+                              "hourly_limit": user.hourly_limit,
+                              "created": iso_z(user.created)})
 
     async def get_smtp(self, req: Request) -> Response:
         store = self.relay.store
         u = await store.get_upstream(req.path_params["idsmtp"])
         app = await store.get_app(u.idapp or "")
-        return json_response({**upstream_json(u), "owner_id": app.owner_id})
+        return json_response({**upstream_json(u), "owner_id": app.owner_id,
+                              "created": iso_z(u.created), "modified": iso_z(u.modified)})
 
     async def list_domains(self, req: Request) -> Response:
         p = validate(OwnerRef, req.params())
         await self.relay.store.get_owner(p.owner_id)
         return json_response([domain_json(d)
                               for d in await self.relay.store.list_domains(p.owner_id)])
+
+    # ------------------------------------------------------------ lockouts (SPEC 4.6)
+
+    async def list_lockouts(self, req: Request) -> Response:
+        validate(Model, req.params())
+        # The throttle keeps time.monotonic() instants, which mean nothing on
+        # the wall clock: shift each deadline by the clocks' current offset.
+        mono, wall = time.monotonic(), time.time()
+        return json_response([
+            {"ip": lo.ip, "failures": lo.failures,
+             "locked_until": iso_z(wall + (lo.until - mono))}
+            for lo in self.relay.throttle.lockouts(mono)])
+
+    async def clear_lockout(self, req: Request) -> Response:
+        raw = req.path_params["ip"]
+        try:
+            # The form sessions record (str of the parsed address), so that
+            # 2001:DB8::0001 finds 2001:db8::1.
+            ip = str(ipaddress.ip_address(raw))
+        except ValueError:
+            raise ApiError(400, "ip: not an IPv4 or IPv6 address") from None
+        if not self.relay.throttle.clear(ip, time.monotonic()):
+            raise ApiError(404, f"{ip} is not locked out")
+        metrics.LOCKOUTS_CLEARED.inc()
+        event(log, logging.INFO, "lockout_cleared", ip=ip)
+        return json_response({"ip": ip, "cleared": True})
 
 
 def routes(relay: Relay, tenants: Tenants) -> list[Route]:
@@ -247,5 +295,7 @@ def routes(relay: Relay, tenants: Tenants) -> list[Route]:
         ("GET", "/admin/users/{smtp_user_name}", api.get_user),
         ("GET", "/admin/smtps/{idsmtp}", api.get_smtp),
         ("GET", "/admin/domains", api.list_domains),
+        ("GET", "/admin/lockouts", api.list_lockouts),
+        ("DELETE", "/admin/lockouts/{ip}", api.clear_lockout),
     )
     return [Route(method, pattern, handler, DIALECT) for method, pattern, handler in table]

@@ -67,6 +67,28 @@ def _is_unicode(obj: Any) -> bool:
     return True
 
 
+HINT_JSON = "(send Content-Type: application/json)"
+HINT_FORM = "(send Content-Type: application/x-www-form-urlencoded)"
+
+
+def _is_json(body: bytes) -> bool:
+    try:
+        json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def _hint(media: str, body: bytes) -> str:
+    """For a body that is not JSON: which Content-Type would have fitted it
+    (SPEC 4.6), when the one sent (or its absence) is the likely mistake."""
+    try:
+        _pairs(body.decode("utf-8"), "form body")
+    except (ApiError, UnicodeDecodeError):
+        return f" {HINT_JSON}" if media != "application/json" else ""
+    return f" {HINT_FORM}"
+
+
 @dataclass
 class Request:
     method: str
@@ -101,15 +123,25 @@ class Request:
                 text = self.body.decode("utf-8")
             except UnicodeDecodeError:
                 raise ApiError(400, "form body is not UTF-8") from None
-            return _pairs(text, "form body"), True
+            try:
+                return _pairs(text, "form body"), True
+            except ApiError as err:
+                if _is_json(self.body):
+                    err.message += f" {HINT_JSON}"
+                raise
         if media.startswith("multipart/"):
             raise ApiError(415, "send JSON or application/x-www-form-urlencoded")
         try:
             obj = json.loads(self.body, object_pairs_hook=_refuse_duplicate_keys,
                              parse_constant=_refuse_constant)
+        except json.JSONDecodeError as exc:
+            # The parser's own words and position (SPEC 4.6): they name what
+            # it expected, never the input.
+            raise ApiError(400, f"invalid JSON body: {exc.msg} at line {exc.lineno}, "
+                                f"column {exc.colno}{_hint(media, self.body)}") from None
         except (ValueError, RecursionError):
-            # ValueError covers bad syntax, bad UTF-8, duplicate keys and
-            # integers too long to convert; nothing of the input is echoed.
+            # ValueError also covers bad UTF-8, duplicate keys and integers
+            # too long to convert; nothing of the input is echoed.
             raise ApiError(400, "invalid JSON body") from None
         if not isinstance(obj, dict):
             raise ApiError(400, "the JSON body must be an object")

@@ -27,7 +27,8 @@ The modules, in the order a command runs through them:
   ``add_command``, and the helpers that turn arguments into request bodies;
 * one module per command group, each with its commands and a ``register``
   that declares them with their arguments: ``owners``, ``apps``, ``users``
-  (SPEC 4.1), ``smtps`` (SPEC 4.2), ``domains`` (SPEC 4.3), ``status``;
+  (SPEC 4.1), ``smtps`` (SPEC 4.2), ``domains`` (SPEC 4.3), ``status``,
+  ``lockouts`` (SPEC 4.6);
 * ``transport``: ``UnixHTTPConnection``, ``Api`` (every request; a
   ``Failure`` for anything but 2xx), ``resolve_socket``, ``Failure`` and
   ``Usage``;
@@ -41,7 +42,8 @@ import argparse
 import json
 import sys
 
-from . import apps, domains, owners, smtps, status, users
+from .. import __version__
+from . import apps, domains, lockouts, owners, smtps, status, users
 from .transport import (EMBEDDED_SOCKET, ENV_SOCKET, SERVICE_SOCKET, Api, Failure, Usage,
                         resolve_socket)
 
@@ -63,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="relayctl", description="Operator client for relayd's admin socket.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"relayctl {__version__}")
     p.add_argument("--socket", metavar="PATH", default=None, help="admin socket path")
     p.add_argument("--json", action="store_true", default=False,
                    help="print JSON for scripts instead of tables")
@@ -70,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read admin.socket from this relayd config")
     groups = p.add_subparsers(dest="group", metavar="COMMAND", required=True)
     # In this order in relayctl --help.
-    for group in (owners, apps, users, smtps, domains, status):
+    for group in (owners, apps, users, smtps, domains, status, lockouts):
         group.register(groups)
     return p
 

@@ -8,6 +8,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..timefmt import iso_z
+
+# Keys that hold a time; relayctl shows them as ISO 8601 UTC ending in Z
+# (SPEC 4.6), whichever dialect's answer they come from.
+TIME_KEYS = ("created", "modified", "started", "last_error_at", "locked_until")
+
+
+def zoned(data: Any) -> Any:
+    """``data`` (a record, a list of them, or anything else) with its times
+    as ISO 8601 UTC ending in ``Z``; for --json and the tables alike."""
+    if isinstance(data, list):
+        return [zoned(x) for x in data]
+    if isinstance(data, dict):
+        return {k: iso_z(v) if k in TIME_KEYS and isinstance(v, (str, int, float))
+                and not isinstance(v, bool) else zoned(v) for k, v in data.items()}
+    return data
+
 
 @dataclass
 class Out:

@@ -8,7 +8,7 @@ from typing import Any
 
 from .apps import owner_of_app
 from .args import add_command, add_group, drop_none, non_negative_int, positive_int, read_secret
-from .output import Out, fields, table
+from .output import Out, fields, table, zoned
 from .transport import Api, Usage, quoted
 
 SMTP_COLUMNS = ("_id", "priority", "host", "port", "username", "auth", "startstls", "sslTls",
@@ -29,19 +29,19 @@ def smtp_save(api: Api, a: argparse.Namespace) -> Out:
         defaultfromemail=a.from_email, defaultfromname=a.from_name, status=a.status,
         allowed_domains=a.allowed_domains.split(",") if a.allowed_domains is not None else None)
     owner = owner_of_smtp(api, a.id) if a.id else owner_of_app(api, a.app)
-    d = api.call("POST", "/private/smtps/save", body, owner=owner)
+    d = zoned(api.call("POST", "/private/smtps/save", body, owner=owner))
     return Out(d, fields(d))
 
 
 def smtp_list(api: Api, a: argparse.Namespace) -> Out:
-    d = api.call("GET", "/private/smtps/findByApp", query={"idapp": a.app},
-                 owner=owner_of_app(api, a.app))
+    d = zoned(api.call("GET", "/private/smtps/findByApp", query={"idapp": a.app},
+                       owner=owner_of_app(api, a.app)))
     return Out(d, table(d, SMTP_COLUMNS))
 
 
 def smtp_get(api: Api, a: argparse.Namespace) -> Out:
-    d = api.call("GET", "/private/smtps/findById", query={"idsmtp": a.idsmtp},
-                 owner=owner_of_smtp(api, a.idsmtp))
+    d = zoned(api.call("GET", "/private/smtps/findById", query={"idsmtp": a.idsmtp},
+                       owner=owner_of_smtp(api, a.idsmtp)))
     return Out(d, fields(d))
 
 

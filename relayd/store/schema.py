@@ -83,6 +83,10 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (owner_id, domain)
     );
     """,
+    # 2: the last error's reason of an own upstream (SPEC 4.6), kept across restarts
+    """
+    ALTER TABLE upstreams ADD COLUMN last_error_reason TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -379,11 +379,12 @@ class SqliteStore:
         if not n:
             raise NotFound("smtp", idsmtp)
 
-    async def record_upstream_result(self, idsmtp: str, ok: bool, ts: float) -> None:
+    async def record_upstream_result(self, idsmtp: str, ok: bool, ts: float,
+                                     reason: str | None = None) -> None:
         """SPEC 3.7: an error increments numerrors, a success resets it, for
-        any upstream (view.health); an own upstream's row keeps a copy. The
-        row and the view change under the lock, so a reload cannot come
-        between them."""
+        any upstream (view.health); an own upstream's row keeps a copy, with
+        the error's reason (SPEC 4.6). The row and the view change under the
+        lock, so a reload cannot come between them."""
         if ok and not self.view.health.get(idsmtp)[0]:
             return                  # nothing to reset: no write on the hot path
         async with self._lock:
@@ -391,17 +392,14 @@ class SqliteStore:
                 if ok:
                     sql = ("UPDATE upstreams SET numerrors = 0 WHERE idsmtp = ?", (idsmtp,))
                 else:
-                    sql = ("UPDATE upstreams SET numerrors = numerrors + 1, last_error = ? "
-                           "WHERE idsmtp = ?", (ts, idsmtp))
+                    sql = ("UPDATE upstreams SET numerrors = numerrors + 1, last_error = ?, "
+                           "last_error_reason = ? WHERE idsmtp = ?", (ts, reason or None, idsmtp))
                 await self._write([sql])
-            self.view.note_upstream_result(idsmtp, ok, ts)
+            self.view.note_upstream_result(idsmtp, ok, ts, reason)
 
     def with_health(self, u: Upstream) -> Upstream:
         """``u`` with its current numerrors and last error (hot path)."""
         return self.view.with_health(u)
-
-    async def upstream_health(self) -> list[dict[str, Any]]:
-        return self.view.upstream_health()
 
     # ------------------------------------------------------------ domain settings
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import NotFound
 from ..records import App, DomainSettings, Owner, SmtpUser, Upstream
-from ..routing import ErrorBook
+from ..routing import ErrorBook, FailoverRules
 from .credentials import secret_matches
 
 Row = Mapping[str, Any]
@@ -114,17 +114,20 @@ class View:
         self.upstreams = {r["idsmtp"]: upstream_from(r) for r in upstreams}
         self.health.forget(stale)
         for r in upstreams:
-            self.health.set(r["idsmtp"], r["numerrors"], r["last_error"])
+            reason = r["last_error_reason"] if "last_error_reason" in r.keys() else None
+            self.health.set(r["idsmtp"], r["numerrors"], r["last_error"], reason)
         self.app_upstreams = {}
         for r in upstreams:
             self.app_upstreams.setdefault(r["idapp"], []).append(r["idsmtp"])
         self.domains = {(r["owner_id"], r["domain"]): domain_from(r) for r in domains}
 
-    def note_upstream_result(self, idsmtp: str, ok: bool, ts: float) -> bool:
-        """Count an error or reset the count; False when nothing changed."""
+    def note_upstream_result(self, idsmtp: str, ok: bool, ts: float,
+                             reason: str | None = None) -> bool:
+        """Count an error (with its reason) or reset the count; False when
+        nothing changed."""
         if ok and not self.health.get(idsmtp)[0]:
             return False
-        self.health.record(idsmtp, ok, ts)
+        self.health.record(idsmtp, ok, ts, reason)
         return True
 
     def with_health(self, u: Upstream) -> Upstream:
@@ -210,10 +213,20 @@ class View:
         dom = self.domains.get((user.owner_id, sender_domain)) if sender_domain else None
         return owner[0], app, dom, self.upstreams_of(user.idapp, active_only=True)
 
-    def upstream_health(self) -> list[dict[str, Any]]:
-        ups = (self.with_health(u) for u in sorted(self.upstreams.values(), key=lambda u: u.idsmtp))
-        return [{"idsmtp": u.idsmtp, "host": u.host, "port": u.port, "numerrors": u.numerrors,
-                 "last_error": u.last_error, "status": u.status} for u in ups]
+    def upstream_health(self, now: float, rules: FailoverRules) -> list[dict[str, Any]]:
+        """Own upstreams' health (SPEC 4.6); ``last_error_at`` a Unix time."""
+        return [{"idsmtp": u.idsmtp, "host": u.host, "port": u.port, "status": u.status,
+                 **self.health.health(u, now, rules)}
+                for u in sorted(self.upstreams.values(), key=lambda u: u.idsmtp)]
+
+    def domain_route_health(self, now: float, rules: FailoverRules) -> list[dict[str, Any]]:
+        """Domain routes' health (SPEC 4.6), by domain and owner."""
+        out = []
+        for (owner_id, domain), d in sorted(self.domains.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            u = d.as_upstream()
+            out.append({"idsmtp": u.idsmtp, "owner_id": owner_id, "domain": domain,
+                        "host": u.host, "port": u.port, **self.health.health(u, now, rules)})
+        return out
 
     def upstream_error_counts(self) -> list[tuple[str, int]]:
         """numerrors of every own upstream and of every other one that has
