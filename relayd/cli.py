@@ -22,7 +22,8 @@ signals: SIGHUP reloads the config (all or nothing); SIGTERM/SIGINT drain
 (stop accepting, let sessions in progress finish up to drain_timeout, exit 0);
 a second SIGTERM/SIGINT exits at once.
 
-Every key is documented in config/relayd.yaml of the source tree.
+relayd --print-config prints every key with its effective value (defaults filled
+in, secrets masked); the README describes each one.
 """
 
 

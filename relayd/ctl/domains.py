@@ -81,7 +81,7 @@ def _set_arguments(s: argparse.ArgumentParser) -> None:
 
 def register(groups: Any) -> None:
     domains = add_group(groups, "domain",
-                        "per-domain email settings (the Webitel dialect, SPEC 4.3)")
+                        "per-domain email settings (the Webitel dialect)")
     s = add_command(domains, "list", domain_list, "list an owner's domain settings")
     s.add_argument("--owner", required=True, metavar="OWNER_ID")
     _owner_and_domain(add_command(domains, "get", domain_get,

@@ -85,7 +85,7 @@ def _save_arguments(s: argparse.ArgumentParser) -> None:
 
 
 def register(groups: Any) -> None:
-    smtps = add_group(groups, "smtp", "upstream SMTP servers per app (SPEC 4.2)")
+    smtps = add_group(groups, "smtp", "upstream SMTP servers per app")
     _save_arguments(add_command(
         smtps, "save", smtp_save,
         "create an upstream (--app, --host, --port) or edit one (--id: given fields only)"))

@@ -65,7 +65,7 @@ def user_remove(api: Api, a: argparse.Namespace) -> Out:
 
 
 def register(groups: Any) -> None:
-    users = add_group(groups, "user", "SMTP users (the SendClean dialect, SPEC 4.1)")
+    users = add_group(groups, "user", "SMTP users (the SendClean dialect)")
     s = add_command(users, "add", user_add, "create an SMTP user; prints its password once")
     s.add_argument("--owner", metavar="OWNER_ID", help="default: the owner of --app")
     s.add_argument("--app", metavar="IDAPP", help="default: the owner's default app")
