@@ -21,6 +21,7 @@ import re
 from typing import Any
 
 from .maillog import event
+from .replies import NOT_REPLY_TEXT
 
 smtp_log = logging.getLogger("relayd.smtp")
 upstream_log = logging.getLogger("relayd.upstream")
@@ -29,7 +30,6 @@ admin_log = logging.getLogger("relayd.admin")
 # Commands whose argument carries no secret (RFC 5321 4.1, RFC 3207).
 _SHOW_ARGUMENT = frozenset({"EHLO", "HELO", "MAIL", "RCPT", "VRFY", "EXPN", "HELP", "NOOP"})
 _NO_ARGUMENT = frozenset({"DATA", "RSET", "QUIT", "STARTTLS"})
-_NOT_TEXT = re.compile(r"[^\x20-\x7e]")
 MAX_SHOWN = 300          # characters of an argument shown
 
 
@@ -52,7 +52,7 @@ def command_text(line: bytes, secret: bool = False) -> str:
 
 
 def _clean(text: str) -> str:
-    text = _NOT_TEXT.sub("?", text)
+    text = NOT_REPLY_TEXT.sub("?", text)
     return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "..."
 
 
@@ -69,7 +69,7 @@ _QUOTED = re.compile(r'"[^"]*"')
 
 def client_reply(session: str, reply: bytes) -> None:
     if smtp_log.isEnabledFor(logging.DEBUG):
-        text = _NOT_TEXT.sub(" ", reply.decode("ascii", "replace")).strip()
+        text = NOT_REPLY_TEXT.sub(" ", reply.decode("ascii", "replace")).strip()
         text = _QUOTED.sub('"<redacted>"', text)
         event(smtp_log, logging.DEBUG, "smtp_reply", session=session, reply=text)
 

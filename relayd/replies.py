@@ -103,7 +103,9 @@ NEEDS_SMTPUTF8 = ("553 5.6.7 Message has non-ASCII addresses or headers and no u
                   "SMTP server for it accepts SMTPUTF8")
 
 
-_NOT_TEXT = re.compile(r"[^\x20-\x7e]")
+# What may not appear in a reply line (RFC 5321 4.2: printable US-ASCII);
+# also what relayd keeps out of its debug log lines (protolog.py).
+NOT_REPLY_TEXT = re.compile(r"[^\x20-\x7e]")
 
 
 def one_line(text: str, limit: int = 400) -> str:
@@ -112,5 +114,5 @@ def one_line(text: str, limit: int = 400) -> str:
     US-ASCII (RFC 5321 4.2 reply text). An upstream's 8-bit or control bytes
     used to reach aiosmtpd's ASCII encoder and raise, so that a permanent
     554 reached the client as 451 4.3.0 (and the client retried)."""
-    flat = _NOT_TEXT.sub("?", " ".join(text.split()))
+    flat = NOT_REPLY_TEXT.sub("?", " ".join(text.split()))
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."

@@ -24,8 +24,6 @@ import re
 
 from . import replies
 
-# What may not appear in a reply line (RFC 5321 4.2: printable US-ASCII).
-_NOT_REPLY_TEXT = re.compile(r"[^\x20-\x7e]")
 # An RFC 3463 status code at the start of a reply's text.
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
 
@@ -53,7 +51,7 @@ class ReplyBuffer:
         push adds it); until then None."""
         text = status if isinstance(status, str) else status.decode("ascii", "replace")
         if not (text.isascii() and text.isprintable()):
-            text = _NOT_REPLY_TEXT.sub("?", text)
+            text = replies.NOT_REPLY_TEXT.sub("?", text)
         if self._lines and text[:3] != self._lines[0][:3]:
             # Never merge two replies (RFC 5321 4.2.1: one code per reply):
             # a reply left without its last line cannot be sent as it is.

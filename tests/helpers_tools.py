@@ -1,6 +1,6 @@
 """External tools that some tests run (promtool, ...): found on PATH, else
 skipped locally with the install command and failed under CI (CI=true), so
-they are never silently skipped there (the pattern of test_interop.py)."""
+they are never silently skipped there."""
 
 from __future__ import annotations
 

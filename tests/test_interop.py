@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -23,25 +21,11 @@ import pytest
 from conftest import sink_upstream
 from admin_client import http_get
 from helpers_smtp import split_trace
+from helpers_tools import absent, tool
 
 pytestmark = pytest.mark.slow
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
-
-
-def absent(message: str) -> None:
-    """A client that is not installed: skipped locally, failed under CI."""
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-def tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        absent(f"{name} is not installed: apt-get install {package}")
-    assert path is not None
-    return path
 
 
 def nodemailer() -> tuple[str, str]:
