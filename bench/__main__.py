@@ -2,6 +2,12 @@
 
     python -m bench                 # full matrix, 10 s per point (~8 minutes)
     python -m bench --quick         # 3 s per point, fewer points (a smoke run)
+    python -m bench --database postgresql --instances 2
+                                    # the matrix via 2 relayd processes on one PostgreSQL
+    python -m bench --scale-out --duration 5
+                                    # 1 relayd on SQLite vs 1 and 2 on PostgreSQL (~3 minutes)
+    python -m bench --front haproxy,reuseport --instances 2 --duration 5
+                                    # 1 and 2 relayd behind HAProxy / on SO_REUSEPORT (~4 minutes)
 
 Starts an upstream sink (Postfix's smtp-sink when installed, else an aiosmtpd
 sink), relayd as a subprocess with a generated config, provisions an owner,
@@ -12,6 +18,30 @@ msgs/s, p50/p99 latency, relayd CPU % and peak RSS; then peak RSS with 1 000
 idle authenticated sessions and for one 10 MB message. Results are written to
 bench/RESULTS.md (the machine and the exact command are recorded there).
 Everything listens on 127.0.0.1; every loop is bounded in count and time.
+
+``--database postgresql`` starts a throw-away PostgreSQL cluster
+(pgserver.py) for relayd's store; ``--instances N`` runs N relayd processes
+on that one database, each with its own port, state_dir and admin socket,
+provisioned once through the first one's admin API; the load generator's
+sessions go round-robin over the N ports, and the CPU column adds up the
+processes (each shown). On PostgreSQL every point gets a fresh SMTP user: the
+cost of a reservation grows with the user's sends in the last hour, and a
+point should not pay for the ones before it (scaleout.py explains).
+
+``--scale-out`` runs the comparison of scaleout.py instead of the matrix:
+1 relayd on SQLite, 1 on PostgreSQL and 2 on PostgreSQL, interleaved, at
+1 KB and 100 KB with 50 sessions (``--sizes``, ``--sessions``, ``--repeats``,
+``--users``), with msg/s, p50/p99, each relayd's CPU, relayd and PostgreSQL
+CPU per message and database round trips per message. It writes its own
+section of bench/RESULTS.md and keeps the matrix's (and the matrix run keeps
+the scale-out section).
+
+``--front haproxy|reuseport`` (or both, comma-separated) runs front.py's
+comparison instead: ``--instances`` N (default 2) relayd processes on
+PostgreSQL behind HAProxy (examples/haproxy.cfg) or on one SO_REUSEPORT
+address, N = 1 and N interleaved, with relayd's CPU per message at N against
+1, HAProxy's CPU per message and a 16-core estimate; its own section of
+bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -19,207 +49,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import http.client
-import json
 import os
 import platform
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from . import loadgen, results
+from .harness import (HERE, Point, Relayd, Sink, fresh_user, human_size, measure, provision_owner,
+                      relayd_fleet, reset_peak_rss, rss_kib, sink_running, stop_on_sigterm)
 
-from . import loadgen
-
-HERE = Path(__file__).resolve().parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-# ---------------------------------------------------------------- processes
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 30) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
-
-
-def start_sink(kind: str = "auto") -> tuple[subprocess.Popen, int, str]:
-    port = free_port()
-    smtp_sink = shutil.which("smtp-sink") or (
-        "/usr/sbin/smtp-sink" if os.path.exists("/usr/sbin/smtp-sink") else None)
-    if kind == "smtp-sink" and not smtp_sink:
-        raise SystemExit("smtp-sink is not installed: apt-get install postfix")
-    if smtp_sink and kind != "aiosmtpd":
-        argv = [smtp_sink, "-u", "nobody", f"127.0.0.1:{port}", "1024"]
-        kind = "Postfix smtp-sink"
-    else:
-        argv = [sys.executable, "-m", "bench.sink", str(port)]
-        kind = "aiosmtpd sink" + ("" if kind == "aiosmtpd" else " (smtp-sink not installed)")
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=HERE.parent)
-    wait_port(port)
-    return proc, port, kind
-
-
-class Relayd:
-    def __init__(self, workdir: Path, extra: dict | None = None):
-        self.port = free_port()
-        self.socket = workdir / "admin.sock"
-        cfg = {
-            "listen": [{"address": f"127.0.0.1:{self.port}", "tls": "none",
-                        "auth_require_tls": False}],
-            "hostname": "relayd.bench",
-            "state_dir": str(workdir / "state"),
-            "admin": {"socket": str(self.socket)},
-            "metrics": {"listen": None},
-            "limits": {"max_message_size": 64 * 1024 * 1024, "max_sessions": 5000,
-                       "max_sessions_per_ip": 5000},
-            "log_level": "warning",
-            **(extra or {}),
-        }
-        self.config = workdir / "relayd.yaml"
-        self.config.write_text(yaml.safe_dump(cfg))
-        self.start()
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "relayd", "-c", str(self.config)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK   # utime + stime
-
-
-def rss_kib(pid: int, key: str = "VmRSS") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def reset_peak_rss(pid: int) -> None:
-    with contextlib.suppress(OSError):
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-
-
-# ---------------------------------------------------------------- provisioning
-
-class UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path: str):
-        super().__init__("localhost", timeout=30)
-        self.path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.path)
-
-
-def api(sock: Path, path: str, body: dict, headers: dict | None = None) -> dict:
-    conn = UnixHTTP(str(sock))
-    conn.request("POST", path, json.dumps(body),
-                 {"Content-Type": "application/json", **(headers or {})})
-    resp = conn.getresponse()
-    data = resp.read()
-    if resp.status != 200:
-        raise RuntimeError(f"{path}: HTTP {resp.status} {data[:300]!r}")
-    return json.loads(data) if data else {}
-
-
-def provision(relayd: Relayd, sink_port: int) -> tuple[str, str]:
-    """Owner (relayctl), upstream (seed-000 dialect), SMTP user (SendClean)."""
-    out = subprocess.run([sys.executable, "-m", "relayd.ctl", "--socket", str(relayd.socket),
-                          "--json", "owner", "add", "--plan", "paid"],
-                         check=True, capture_output=True, text=True).stdout
-    owner = json.loads(out)
-    auth = {"X-Key": owner["owner_id"], "X-Access-Token": owner["token"]}
-    api(relayd.socket, "/private/smtps/save",
-        {"idapp": owner["idapp"], "host": "127.0.0.1", "port": sink_port,
-         "username": "bench", "password": "bench", "auth": False, "startstls": False,
-         "ssltls": False}, auth)
-    user = api(relayd.socket, "/settings/addSmtp",
-               {"owner_id": owner["owner_id"], "token": owner["token"],
-                "total_limit": 2**62, "hourly_limit": 2**62})
-    return user["smtp_user_name"], user["smtp_password"]
-
-
-# ---------------------------------------------------------------- measuring
-
-@dataclass
-class Point:
-    target: str
-    sessions: int
-    size: int
-    msgs: int
-    errors: int
-    rate: float
-    p50_ms: float
-    p99_ms: float
-    cpu_pct: float | None = None
-    peak_rss_mib: float | None = None
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
-def measure(job: loadgen.Job, target: str, pid: int | None, processes: int,
-            profile_to: Path | None = None) -> Point:
-    spy = None
-    if pid:
-        reset_peak_rss(pid)
-        cpu0 = cpu_seconds(pid)
-        if profile_to is not None:
-            spy = subprocess.Popen(
-                ["py-spy", "record", "-p", str(pid), "-d", str(int(job.duration) + 1), "-r", "250",
-                 "-f", "raw", "-o", str(profile_to), "--nonblocking"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latencies, errors, wall = loadgen.run(job, processes)
-    if spy is not None:
-        spy.wait(60)
-    point = Point(target, job.sessions, job.size, len(latencies), len(errors),
-                  len(latencies) / wall, percentile(latencies, 0.5) * 1000,
-                  percentile(latencies, 0.99) * 1000)
-    if pid:
-        point.cpu_pct = 100 * (cpu_seconds(pid) - cpu0) / wall
-        point.peak_rss_mib = rss_kib(pid, "VmHWM") / 1024
-    if errors:
-        print(f"  {len(errors)} session errors, first: {errors[0]}", file=sys.stderr)
-    return point
-
-
-def human_size(n: int) -> str:
-    return f"{n // (1024 * 1024)} MB" if n >= 1024 * 1024 else f"{n // 1024} KB"
+MATRIX_SIZES, MATRIX_SESSIONS = "1024,102400,10485760", "1,10,50"
+SCALE_OUT_SIZES, SCALE_OUT_SESSIONS = "1024,102400", "50"
 
 
 # ---------------------------------------------------------------- report
@@ -233,7 +76,16 @@ def report(points: list[Point], extras: list[str], args: argparse.Namespace, sin
         f"{platform.release()}, Python {platform.python_version()}",
         f"- command: `{' '.join(['python -m bench'] + sys.argv[1:])}`",
         f"- sink: {sink_kind}; load generator: aiosmtplib, {args.processes} processes, "
-        f"AUTH PLAIN when via relayd, {args.duration:g} s per point", "",
+        f"AUTH PLAIN when via relayd, {args.duration:g} s per point",
+    ]
+    if args.database != "sqlite" or args.instances > 1:
+        lines.append(
+            f"- relayd: {args.instances} process{'es' if args.instances > 1 else ''} on one "
+            f"{args.database} database "
+            "(a throw-away cluster started by the bench), sessions round-robin over their "
+            "ports, a fresh SMTP user per point; CPU % per process, added up")
+    lines += [
+        "",
         "| size | sessions | direct msg/s | relayd msg/s | ratio | direct p50/p99 ms "
         "| relayd p50/p99 ms | relayd CPU % | relayd peak RSS MiB |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -246,78 +98,161 @@ def report(points: list[Point], extras: list[str], args: argparse.Namespace, sin
         if not d or not r:
             continue
         ratio = r.rate / d.rate if d.rate else float("nan")
+        cpu = f"{r.cpu_pct:.0f}" if len(r.cpu_pcts) < 2 else \
+            f"{r.cpu_pct:.0f} ({' + '.join(f'{c:.0f}' for c in r.cpu_pcts)})"
         lines.append(
             f"| {human_size(size)} | {sessions} | {d.rate:.0f} | {r.rate:.0f} | {ratio:.2f} "
             f"| {d.p50_ms:.1f} / {d.p99_ms:.1f} | {r.p50_ms:.1f} / {r.p99_ms:.1f} "
-            f"| {r.cpu_pct:.0f} | {r.peak_rss_mib:.0f} |")
+            f"| {cpu} | {r.peak_rss_mib:.0f} |")
     lines += ["", *extras, ""]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+# ---------------------------------------------------------------- command line
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
+                                epilog="examples:\n" + __doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=10.0, help="seconds per point (10)")
     p.add_argument("--quick", action="store_true", help="3 s points, 1 KB/100 KB, 1/50 sessions")
     p.add_argument("--processes", type=int, default=2, help="load generator processes (2)")
-    p.add_argument("--sizes", default="1024,102400,10485760")
-    p.add_argument("--sessions", default="1,10,50")
+    p.add_argument("--sizes", help=f"message sizes in bytes ({MATRIX_SIZES}; "
+                   f"--scale-out: {SCALE_OUT_SIZES})")
+    p.add_argument("--sessions", help=f"concurrent sessions per point ({MATRIX_SESSIONS}; "
+                   f"--scale-out: {SCALE_OUT_SESSIONS})")
     p.add_argument("--idle", type=int, default=1000, help="idle authenticated sessions (1000)")
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
     p.add_argument("--sink", choices=("auto", "smtp-sink", "aiosmtpd"), default="auto",
                    help="upstream sink: Postfix's smtp-sink when installed (auto), or aiosmtpd")
     p.add_argument("--profile", action="store_true",
                    help="sample relayd with py-spy during the 1 KB x 50 point (pip install py-spy)")
+    p.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite",
+                   help="relayd's store: its embedded SQLite (default), or a throw-away "
+                   "PostgreSQL cluster that the bench starts")
+    p.add_argument("--instances", type=int, default=None,
+                   help="relayd processes on the one database, sessions round-robin over "
+                   "them (1; more need --database postgresql); --front: N (2), run with 1 and N")
+    p.add_argument("--front", type=fronts, default=None, metavar="haproxy|reuseport",
+                   help="instead of the matrix: relayd on PostgreSQL behind HAProxy "
+                   "(examples/haproxy.cfg) or on one SO_REUSEPORT address, or both "
+                   "(haproxy,reuseport), 1 and --instances processes interleaved; writes its "
+                   "own section of RESULTS.md")
+    p.add_argument("--scale-out", action="store_true",
+                   help="instead of the matrix: 1 relayd on SQLite vs 1 and 2 on PostgreSQL, "
+                   "interleaved, with msg/s, p50/p99, CPU per process, relayd and PostgreSQL "
+                   "CPU per message and database round trips per message; writes its own "
+                   "section of RESULTS.md")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="--scale-out: interleaved runs of each configuration per point (3)")
+    p.add_argument("--users", type=int, default=1,
+                   help="--scale-out: fresh SMTP users per point, sessions round-robin over "
+                   "them (1: all sessions one user, the worst case for its quota row)")
+    p.add_argument("--probe-rows", type=int, default=30000,
+                   help="--scale-out: the largest hourly window (sends of one user) at which "
+                   "relayd_reserve is timed after the points (30000; 0: no probe)")
     args = p.parse_args(argv)
+    if args.instances is None:
+        args.instances = 2 if args.front else 1
+    if args.front:
+        check_front(p, args)
     if args.quick:
+        if args.scale_out:
+            p.error("--quick is for the matrix: give --scale-out a --duration")
         args.duration, args.sizes, args.sessions, args.idle = 3.0, "1024,102400", "1,50", 200
-    sizes = [int(s) for s in args.sizes.split(",")]
-    sessions_list = [int(s) for s in args.sessions.split(",")]
-    started = time.time()
-
+    if args.scale_out and (args.database != "sqlite" or args.instances != 1 or args.profile):
+        p.error("--scale-out runs its own configurations: no --database, --instances, --profile")
+    if args.instances < 1 or (args.instances > 1 and args.database != "postgresql"
+                              and not args.front):
+        p.error("--instances N > 1 needs --database postgresql (one database they share)")
+    if args.repeats < 1 or args.users < 1 or args.duration <= 0:
+        p.error("--repeats, --users and --duration must be positive")
     if args.profile and not shutil.which("py-spy"):
         p.error("--profile needs py-spy: pip install py-spy")
-    with tempfile.TemporaryDirectory(prefix="relayd-bench-") as tmp:
-        profile_path = Path(tmp) / "profile.txt"
-        sink, sink_port, sink_kind = start_sink(args.sink)
-        relayd = Relayd(Path(tmp))
-        try:
-            user, password = provision(relayd, sink_port)
-            points: list[Point] = []
-            for size in sizes:
-                for sessions in sessions_list:
-                    if size >= 10 * 1024 * 1024 and sessions > 10:
-                        continue      # 50 x 10 MB in flight measures the loopback, not relayd
-                    for target in ("direct", "relayd"):
-                        job = loadgen.Job(
-                            port=sink_port if target == "direct" else relayd.port,
-                            sessions=sessions, size=size, duration=args.duration,
-                            user=user if target == "relayd" else None, password=password)
-                        profiling = (args.profile and target == "relayd" and size == 1024
-                                     and sessions == max(sessions_list))
-                        point = measure(job, target,
-                                        relayd.pid if target == "relayd" else None,
-                                        args.processes, profile_path if profiling else None)
-                        points.append(point)
-                        print(f"{target:7} {human_size(size):>6} x{sessions:<3} "
-                              f"{point.rate:8.0f} msg/s  p50 {point.p50_ms:6.1f} ms  "
-                              f"p99 {point.p99_ms:6.1f} ms", file=sys.stderr)
-            extras = [f"## Memory", ""]
-            extras += memory_checks(relayd, user, password, args.idle)
-            ratios = target_lines(points)
-            extras = ["## Targets", "", *ratios, "", *extras]
-            if args.profile and profile_path.exists():
-                extras += ["", *profile_lines(profile_path)]
-        finally:
-            relayd.stop()
-            sink.terminate()
-            sink.wait(10)
-    text = report(points, extras, args, sink_kind, started)
-    analysis = HERE / "analysis.md"
-    if analysis.exists():
-        text += "\n" + analysis.read_text()
-    Path(args.out).write_text(text)
+    sizes, sessions = ((SCALE_OUT_SIZES, SCALE_OUT_SESSIONS) if args.scale_out or args.front
+                       else (MATRIX_SIZES, MATRIX_SESSIONS))
+    args.sizes = [int(s) for s in (args.sizes or sizes).split(",")]
+    args.sessions = [int(s) for s in (args.sessions or sessions).split(",")]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    stop_on_sigterm()
+    if args.scale_out:
+        from . import scaleout          # imports PostgreSQL's helpers only when needed
+        return scaleout.run(args)
+    if args.front:
+        from . import front
+        return front.run(args)
+    return run_matrix(args)
+
+
+def fronts(text: str) -> list[str]:
+    """--front's value: haproxy, reuseport or both, comma-separated."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in ("haproxy", "reuseport")]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected haproxy and/or reuseport, got {text!r}")
+    return list(dict.fromkeys(names))
+
+
+def check_front(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.scale_out or args.quick or args.profile:
+        p.error("--front runs its own configurations: no --scale-out, --quick, --profile")
+    if args.instances < 1:
+        p.error("--instances must be positive")
+    args.database = "postgresql"       # the processes share one database, as relayd requires
+    if "haproxy" in args.front and args.instances > 2:
+        p.error("--front haproxy: examples/haproxy.cfg has two servers, so --instances <= 2")
+
+
+# ---------------------------------------------------------------- the matrix
+
+def run_matrix(args: argparse.Namespace) -> int:
+    started = time.time()
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="relayd-bench-")))
+        sink = stack.enter_context(sink_running(args.sink))
+        dsn = None
+        if args.database == "postgresql":
+            from . import pgserver
+            dsn = stack.enter_context(pgserver.pg_running())[1]
+        fleet = stack.enter_context(relayd_fleet(tmp, args.instances, dsn))
+        owner = provision_owner(fleet[0], sink.port)
+        user, password = fresh_user(fleet, owner)
+        points: list[Point] = []
+        for size in args.sizes:
+            for sessions in args.sessions:
+                if size >= 10 * 1024 * 1024 and sessions > 10:
+                    continue      # 50 x 10 MB in flight measures the loopback, not relayd
+                if dsn and points:
+                    user, password = fresh_user(fleet, owner)
+                for target in ("direct", "relayd"):
+                    points.append(matrix_point(args, fleet, sink, target, size, sessions,
+                                               user, password, tmp / "profile.txt"))
+        extras = ["## Targets", "", *target_lines(points), "", "## Memory", "",
+                  *memory_checks(fleet[0], user, password, args.idle)]
+        if args.profile and (tmp / "profile.txt").exists():
+            extras += ["", *profile_lines(tmp / "profile.txt")]
+    text = results.write(Path(args.out), matrix=report(points, extras, args, sink.kind, started))
     print(text)
     return 0
+
+
+def matrix_point(args: argparse.Namespace, fleet: list[Relayd], sink: Sink, target: str,
+                 size: int, sessions: int, user: str, password: str, profile: Path) -> Point:
+    via = target == "relayd"
+    job = loadgen.Job(port=tuple(r.port for r in fleet) if via else sink.port,
+                      sessions=sessions, size=size, duration=args.duration,
+                      user=user if via else None, password=password)
+    profiling = args.profile and via and size == 1024 and sessions == max(args.sessions)
+    point = measure(job, target, [r.pid for r in fleet] if via else [], args.processes,
+                    profile if profiling else None, helpers=[sink.pid])
+    print(f"{target:7} {human_size(size):>6} x{sessions:<3} "
+          f"{point.rate:8.0f} msg/s  p50 {point.p50_ms:6.1f} ms  "
+          f"p99 {point.p99_ms:6.1f} ms  other load {point.other_pct:.0f} %", file=sys.stderr)
+    return point
 
 
 def memory_checks(relayd: Relayd, user: str, password: str, idle: int) -> list[str]:

@@ -3,7 +3,10 @@ with aiosmtplib that send messages back to back until a deadline.
 
 One worker process per core keeps the generator from being the only thing
 measured; each session authenticates once (AUTH PLAIN) when credentials are
-given, optionally after STARTTLS, then loops MAIL/RCPT/DATA.
+given, optionally after STARTTLS, then loops MAIL/RCPT/DATA. A job may
+name several ports (relayd instances): session i of the job connects to
+port i mod len(ports), round-robin over the whole job, not per worker; and
+several SMTP users (``logins``): session i logs in as user i mod len(logins).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ MAX_MESSAGES_PER_SESSION = 1_000_000     # a bound on every loop, besides the de
 
 @dataclass(frozen=True)
 class Job:
-    port: int
+    port: int | tuple[int, ...]     # one port, or several: sessions round-robin over them
     sessions: int
     size: int
     duration: float
@@ -28,6 +31,21 @@ class Job:
     password: str | None = None
     starttls: bool = False
     max_messages: int = MAX_MESSAGES_PER_SESSION
+    logins: tuple[tuple[str, str], ...] = ()     # (user, password)s instead of user/password
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return self.port if isinstance(self.port, tuple) else (self.port,)
+
+    def port_of(self, session: int) -> int:
+        """The port of the job's ``session``-th session."""
+        return self.ports[session % len(self.ports)]
+
+    def login_of(self, session: int) -> tuple[str, str] | None:
+        """The (user, password) of the job's ``session``-th session, or None."""
+        if self.logins:
+            return self.logins[session % len(self.logins)]
+        return (self.user, self.password or "") if self.user else None
 
 
 def make_message(size: int) -> bytes:
@@ -38,14 +56,15 @@ def make_message(size: int) -> bytes:
     return head + body
 
 
-async def _session(job: Job, message: bytes, start_at: float, deadline: float,
+async def _session(job: Job, session: int, message: bytes, start_at: float, deadline: float,
                    latencies: list[float], errors: list[str]) -> None:
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=job.port, local_hostname="bench.test",
+    port, login = job.port_of(session), job.login_of(session)
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, local_hostname="bench.test",
                              start_tls=job.starttls, validate_certs=False, timeout=120)
     try:
         await client.connect()
-        if job.user:
-            await client.login(job.user, job.password or "")
+        if login:
+            await client.login(*login)
         while time.monotonic() < start_at:
             await asyncio.sleep(0.001)
         for _ in range(job.max_messages):
@@ -60,18 +79,20 @@ async def _session(job: Job, message: bytes, start_at: float, deadline: float,
         client.close()
 
 
-async def _worker(job: Job, sessions: int, start_at: float) -> tuple[list[float], list[str]]:
+async def _worker(job: Job, first: int, sessions: int,
+                  start_at: float) -> tuple[list[float], list[str]]:
+    """Sessions ``first`` .. ``first + sessions - 1`` of the job."""
     message = make_message(job.size)
     latencies: list[float] = []
     errors: list[str] = []
     deadline = start_at + job.duration
-    await asyncio.gather(*(_session(job, message, start_at, deadline, latencies, errors)
-                           for _ in range(sessions)))
+    await asyncio.gather(*(_session(job, first + i, message, start_at, deadline, latencies, errors)
+                           for i in range(sessions)))
     return latencies, errors
 
 
-def _worker_main(job: Job, sessions: int, start_at: float, out: mp.Queue) -> None:
-    out.put(asyncio.run(_worker(job, sessions, start_at)))
+def _worker_main(job: Job, first: int, sessions: int, start_at: float, out: mp.Queue) -> None:
+    out.put(asyncio.run(_worker(job, first, sessions, start_at)))
 
 
 def run(job: Job, processes: int = 2) -> tuple[list[float], list[str], float]:
@@ -84,7 +105,9 @@ def run(job: Job, processes: int = 2) -> tuple[list[float], list[str], float]:
     out: mp.Queue = ctx.Queue()
     # All sessions connect and authenticate first, then start together.
     start_at = time.monotonic() + 1.0 + job.sessions * 0.01
-    procs = [ctx.Process(target=_worker_main, args=(job, n, start_at, out)) for n in share]
+    firsts = [sum(share[:i]) for i in range(processes)]
+    procs = [ctx.Process(target=_worker_main, args=(job, first, n, start_at, out))
+             for first, n in zip(firsts, share)]
     for p in procs:
         p.start()
     latencies: list[float] = []

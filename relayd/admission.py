@@ -45,11 +45,25 @@ log = logging.getLogger("relayd.smtp")
 def open_slot(smtp: RelaySMTP) -> str | None:
     """Take ``smtp``'s slot at accept; return the reply refusing it (drain,
     lockout, too many connections) or None to let it in."""
+    hold_slot(smtp)
+    return admit(smtp)
+
+
+def hold_slot(smtp: RelaySMTP) -> bool:
+    """Count ``smtp`` at accept, its client not known yet (a proxy_protocol
+    listener: the PROXY header names it); False once max_sessions is full."""
+    relay = smtp.relay
+    relay.sessions.add(smtp)
+    metrics.SESSIONS_ACTIVE.inc()
+    return len(relay.sessions) <= relay.config.limits.max_sessions
+
+
+def admit(smtp: RelaySMTP) -> str | None:
+    """Count a held slot under its client's address (``smtp.client_ip``,
+    now known) and decide as open_slot does."""
     relay, ip = smtp.relay, smtp.client_ip
     assert ip is not None
-    relay.sessions.add(smtp)
     relay.per_ip[ip] += 1
-    metrics.SESSIONS_ACTIVE.inc()
     limits = relay.config.limits
     if relay.draining:
         return replies.SHUTTING_DOWN
@@ -65,12 +79,12 @@ def close_slot(smtp: RelaySMTP) -> None:
     """Give ``smtp``'s slot back (callers make sure it happens once)."""
     relay, ip = smtp.relay, smtp.client_ip
     if smtp in relay.sessions:
-        assert ip is not None
         relay.sessions.discard(smtp)
-        relay.per_ip[ip] -= 1
-        if relay.per_ip[ip] <= 0:
-            del relay.per_ip[ip]
         metrics.SESSIONS_ACTIVE.dec()
+        if ip is not None:                  # counted per IP (admit)
+            relay.per_ip[ip] -= 1
+            if relay.per_ip[ip] <= 0:
+                del relay.per_ip[ip]
 
 
 def tls_failed(smtp: RelaySMTP, mode: str, error: BaseException | None, timed_out: bool) -> None:
@@ -88,7 +102,7 @@ def tls_failed(smtp: RelaySMTP, mode: str, error: BaseException | None, timed_ou
           tls=mode, reason=reason)
 
 
-def start_implicit_tls(smtp: RelaySMTP, raw: asyncio.Transport) -> None:
+def start_implicit_tls(smtp: RelaySMTP, raw: asyncio.Transport, early: bytes = b"") -> None:
     """Put the TLS layer between ``raw`` and ``smtp``, from connection_made.
 
     It must be in place before the first read: uvloop starts reading a new
@@ -97,6 +111,7 @@ def start_implicit_tls(smtp: RelaySMTP, raw: asyncio.Transport) -> None:
     would hand the ClientHello to the SMTP protocol. asyncio's SSLProtocol,
     the one aiosmtpd's STARTTLS uses, calls smtp.connection_made with the
     TLS transport when the handshake is done; its waiter reports the rest.
+    ``early``: bytes already read off ``raw`` (behind a PROXY header).
     """
     relay, loop = smtp.relay, smtp.loop
     limit = relay.config.timeouts.tls_handshake
@@ -106,6 +121,10 @@ def start_implicit_tls(smtp: RelaySMTP, raw: asyncio.Transport) -> None:
                                ssl_handshake_timeout=limit)
     raw.set_protocol(tls)
     tls.connection_made(raw)
+    if early:               # what followed a PROXY header: the ClientHello's start
+        buffer = tls.get_buffer(len(early))
+        buffer[:len(early)] = early
+        tls.buffer_updated(len(early))
 
     def done(waiter: asyncio.Future[None]) -> None:
         if smtp.session is not None:   # handshake done: the SMTP session has begun

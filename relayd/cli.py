@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from . import __version__, config, maillog
+from . import __version__, config, maillog, workers
 from .errors import ConfigError
 
 RELAYD_EPILOG = """\
@@ -24,6 +24,16 @@ a second SIGTERM/SIGINT exits at once.
 
 relayd --print-config prints every key with its effective value (defaults filled
 in, secrets masked); the README describes each one.
+
+RELAYD_INSTANCE=N (1-999, set by the systemd template unit relayd@N) runs
+relayd as instance N of several on one host sharing one config: admin socket
+admin-N.sock beside the configured one, metrics (and admin TCP) port + N; every
+listener needs reuse_port: true and the database must be PostgreSQL.
+
+relayd --copy-to postgresql://user@host:port/dbname copies every record of the
+configured store (password and token hashes, counters and the hourly window
+included) into that empty database, e.g. to move from the embedded SQLite
+file to PostgreSQL; stop relayd first. A path copies into an SQLite file.
 """
 
 
@@ -39,6 +49,9 @@ def relayd_parser() -> argparse.ArgumentParser:
                         "exit 0 (valid) or 1 (invalid), like nginx -t")
     p.add_argument("--print-config", action="store_true",
                    help="print the effective config (defaults filled in, secrets masked) and exit")
+    p.add_argument("--copy-to", metavar="DSN",
+                   help="copy the configured store into the empty database DSN "
+                        "(postgresql://... or an SQLite file path), print the counts and exit")
     p.add_argument("--version", action="version", version=f"relayd {__version__}")
     return p
 
@@ -47,6 +60,7 @@ def relayd_main(argv: list[str] | None = None) -> int:
     args = relayd_parser().parse_args(argv)
     source = config.locate(args.config)
     try:
+        source = workers.from_environment(source)     # $RELAYD_INSTANCE: relayd@N
         cfg = source.load()
     except ConfigError as exc:
         for problem in exc.problems:
@@ -61,6 +75,8 @@ def relayd_main(argv: list[str] | None = None) -> int:
         import yaml
         print(yaml.safe_dump(config.effective(cfg), sort_keys=False), end="")
         return 0
+    if args.copy_to:
+        return run_loop(copy_to(cfg, args.copy_to))
     # Every file relayd creates (database, journal, sockets) starts private;
     # the admin socket is then chmod-ed to admin.mode explicitly.
     os.umask(0o077)
@@ -72,6 +88,32 @@ def relayd_main(argv: list[str] | None = None) -> int:
         return run_loop(daemon.run(cfg, source))
     except KeyboardInterrupt:
         return 0
+
+
+async def copy_to(cfg: config.Config, target: str) -> int:
+    """relayd --copy-to: the configured store into ``target`` (store/copying.py)."""
+    from .dsn import check_database, masked
+    from .errors import StoreError
+    from .store import open_store, store_for
+    from .store.copying import copy_store, report
+    try:
+        check_database(target)
+    except ValueError as exc:
+        print(f"relayd: --copy-to: {exc}", file=sys.stderr)
+        return 2
+    source, dest = open_store(cfg), store_for(target)
+    try:
+        await source.open()
+        await dest.open()
+        counts = await copy_store(source, dest)  # type: ignore[arg-type]
+    except StoreError as exc:
+        print(f"relayd: --copy-to: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await dest.close()
+        await source.close()
+    print(f"relayd: copied {source.path} to {masked(target)}:\n{report(counts)}")
+    return 0
 
 
 def run_loop(main: Any) -> int:

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -30,6 +31,7 @@ from pydantic import (
     model_validator,
 )
 
+from . import dsn
 from .errors import ConfigError, RecordError
 from .yamlconf import format_errors, read_yaml, yaml_type
 from .tenants import check_upstream
@@ -80,6 +82,11 @@ class Listener(Strict):
     address: HostPort
     tls: Literal["none", "starttls", "implicit"] = "starttls"
     auth_require_tls: bool = True
+    # Behind a load balancer (SPEC 8): a PROXY protocol header (v1 or v2)
+    # from a trusted_proxies address opens every connection; SO_REUSEPORT
+    # lets several relayd processes on one host share the address.
+    proxy_protocol: bool = False
+    reuse_port: bool = False
 
     _addr = field_validator("address")(_check_hostport)
 
@@ -178,6 +185,18 @@ class Timeouts(Strict):
     session: Seconds = 300    # idle client (RFC 5321 4.5.3.2.7 says 5 minutes)
     data: Seconds = 600       # a whole DATA phase, however slowly the client sends
     tls_handshake: Seconds = 10  # a client's TLS handshake, implicit or after STARTTLS (SPEC 9)
+    proxy: Seconds = 5        # the PROXY header on a proxy_protocol listener (SPEC 8)
+
+
+def _check_network(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError("expected an IP address or a CIDR network such as 10.0.0.0/8") from None
+    return value
+
+
+Network = Annotated[str, AfterValidator(_check_network)]
 
 
 def _no_crlf(v: str | None) -> str | None:
@@ -238,6 +257,8 @@ class Config(Strict):
     metrics: Metrics = Field(default_factory=Metrics)
     limits: Limits = Field(default_factory=Limits)
     auth_failures: AuthFailures = Field(default_factory=AuthFailures)
+    # Who may send a PROXY header to a proxy_protocol listener (SPEC 8).
+    trusted_proxies: list[Network] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
     failover: Failover = Field(default_factory=Failover)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     drain_timeout: Annotated[float, Field(ge=0)] = 30
@@ -249,6 +270,11 @@ class Config(Strict):
 
     _crlf = field_validator("hostname")(_no_crlf)
 
+    @field_validator("database")
+    @classmethod
+    def _database(cls, v: str | None) -> str | None:
+        return None if v is None else dsn.check_database(v)
+
     @field_validator("received_header", mode="before")
     @classmethod
     def _quoted_off(cls, v: Any) -> Any:
@@ -259,7 +285,13 @@ class Config(Strict):
         return v
 
     @property
+    def database_dsn(self) -> str | None:
+        """The PostgreSQL DSN when ``database`` is one (SPEC 8), else None."""
+        return self.database if self.database and dsn.is_dsn(self.database) else None
+
+    @property
     def database_path(self) -> Path:
+        """The SQLite file (when ``database`` is not a DSN)."""
         return Path(self.database) if self.database else Path(self.state_dir) / "relayd.db"
 
 
@@ -386,6 +418,7 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 def effective(cfg: Config) -> dict[str, Any]:
     """The running config as a dict with secrets masked, for the start-up log."""
     data = cfg.model_dump(mode="json")
+    data["database"] = dsn.masked(data["database"])
     for s in data.get("system_smtps", []):
         if s.get("password"):
             s["password"] = "********"

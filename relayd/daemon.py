@@ -1,7 +1,7 @@
 """Lifecycle: start, SIGHUP reload, SIGTERM/SIGINT drain.
 
-``Relay`` is the running state every part shares (config, store, quota
-ledger, upstream error book, auth throttle, sessions); the SMTP sessions and
+``Relay`` is the running state every part shares (config, store with its
+quota state, upstream error book, auth throttle, sessions); the SMTP sessions and
 the admin socket hold a reference to it and read ``relay.config`` at use
 time, so a reload takes effect for the next session or message.
 
@@ -30,10 +30,10 @@ from . import delivery, maillog, metrics, replies, routing, storewatch
 from .config import Config, Source, server_tls_context
 from .errors import ConfigError, StoreError
 from .maillog import event
-from .policy import AuthThrottle, Ledger
+from .policy import AuthThrottle
 from .pool import Pool
 from .records import Upstream
-from .store import Store
+from .store import open_store
 
 if TYPE_CHECKING:
     from .smtp import RelaySMTP
@@ -58,8 +58,7 @@ class Relay:
         self.source = source
         self.generation = 1
         self.hostname = config.hostname or socket.gethostname()
-        self.store = Store(config.database_path)
-        self.ledger = Ledger()
+        self.store = open_store(config)
         self.pool = Pool()
         self.throttle = AuthThrottle(config.auth_failures.max, config.auth_failures.window)
         self.rng = random.SystemRandom()
@@ -91,18 +90,19 @@ class Relay:
 
         os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
         await self.store.open()
-        self.ledger.load(await self.store.load_usage(time.time()))
         metrics.UPSTREAM_ERRORS.source = self._error_counts
         loop = asyncio.get_running_loop()
         for lst in self.config.listen:
             server = await loop.create_server(
-                lambda lst=lst: RelaySMTP(self, lst.tls, lst.auth_require_tls),
+                lambda lst=lst: RelaySMTP(self, lst.tls, lst.auth_require_tls,
+                                          lst.proxy_protocol),
                 # implicit TLS too is accepted plain: RelaySMTP counts the
                 # connection, then runs and bounds the handshake (admission.py)
-                lst.host, lst.port, reuse_address=True)
+                lst.host, lst.port, reuse_address=True, reuse_port=lst.reuse_port or None)
             self.smtp_servers.append((lst, server))
             event(log, logging.INFO, "listening", service="smtp", address=lst.address,
-                  tls=lst.tls, port=self.port_of(server))
+                  tls=lst.tls, port=self.port_of(server), proxy_protocol=lst.proxy_protocol,
+                  reuse_port=lst.reuse_port)
         self.other_servers.extend(await admin.start(self))
         event(log, logging.INFO, "listening", service="admin", address=self.admin_socket)
         if self.admin_tcp_port is not None:

@@ -3,13 +3,15 @@ quota protocol, the upstream attempts and the mail-log line.
 
 Quota protocol (SPEC 3.4, 3.8), each step exactly once whatever happens:
 
-1. *reserve* -- done by the RCPTs, in the Ledger (policy.py);
-2. *journal* -- the units are written to the store before any upstream sees
-   the message, so that a crash from here on over-counts, never under-counts;
-3. *commit* when an upstream accepted, else *undo*: the reservation is
-   released and, if it was journalled, the journal row is cancelled -- for a
-   refusal, a failure, an unconfirmed attempt and an unexpected error alike
-   (``Settlement.undo`` runs in a ``finally``).
+1. *reserve* -- done by the RCPTs, in the store (store.reserve: the Ledger
+   of the embedded store, the shared database of a cluster);
+2. *count* -- the reserved units become sent ones in the store before any
+   upstream sees the message, so that a crash from here on over-counts,
+   never under-counts;
+3. kept when an upstream accepted, else *undo*: units still reserved are
+   released, counted ones uncounted -- for a refusal, a failure, an
+   unconfirmed attempt and an unexpected error alike (``Settlement.undo``
+   runs in a ``finally``).
 
 The SMTP front-end ends the mail transaction after whatever reply comes back
 from here (RFC 5321 4.1.4): nothing of this envelope can be delivered twice.
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from . import metrics, replies, rewrite, routing, trace
 from .errors import HeaderTooLarge, NotFound, StoreError
 from .maillog import message_line
-from .policy import Hold, rewrite_verdict
+from .policy import rewrite_verdict
 from .records import SmtpUser, Upstream, domain_of
 from .failover import Attempt, Outcome, deliver as try_upstreams
 from .wire import unstuffed_size
@@ -87,41 +89,40 @@ def recorder(relay: Relay) -> Callable[[Upstream, str, str], Awaitable[None]]:
 
 
 class Settlement:
-    """The quota units one message holds, from its journal row to its
-    commit or undo."""
+    """The quota units one message holds (its RCPTs' hold ``hold``), from
+    reserved through counted to kept or undone, each step once."""
 
-    def __init__(self, relay: Relay, user: str, units: int, ts: float):
-        self.hold = Hold(relay.ledger, user, units)
+    def __init__(self, relay: Relay, user: str, hold: str, units: int, ts: float):
         self.store = relay.store
-        self.ts = ts
-        self.journaled = False
+        self.user, self.hold, self.units, self.ts = user, hold, units, ts
+        self.state = "reserved" if units else "settled"
 
-    async def journal(self) -> None:
-        await self.store.journal_send(self.hold.user, self.ts, self.hold.units)
-        self.journaled = True
+    async def count(self) -> None:
+        await self.store.count(self.user, self.hold, self.ts, self.units)
+        self.state = "counted"
 
-    def commit(self) -> None:
-        self.hold.commit(self.ts)
+    def keep(self) -> None:
+        self.state = "settled"
 
     async def undo(self, msg_id: str) -> None:
-        """Release the units and cancel the journal row; after a commit, or
-        a second time, nothing."""
-        if self.hold.settled:
-            return
-        self.hold.release()
-        if self.journaled:
-            self.journaled = False
-            try:
-                await self.store.journal_send(self.hold.user, self.ts, -self.hold.units)
-            except StoreError:
-                # Counted but not sent: errs on the side of the limit, never below it.
-                log.exception("session=%s cannot undo quota usage of a failed message", msg_id)
+        """Release reserved units, uncount counted ones; once settled, nothing."""
+        state, self.state = self.state, "settled"
+        try:
+            if state == "reserved":
+                self.store.release(self.user, self.hold, self.units)
+            elif state == "counted":
+                await self.store.uncount(self.user, self.hold, self.ts, self.units)
+        except StoreError:
+            # Counted but not sent: errs on the side of the limit, never below it.
+            log.exception("session=%s cannot give back the quota units of a failed message",
+                          msg_id)
 
 
 async def deliver(relay: Relay, session: Session, envelope: Envelope, wire: bytes,
-                  units: int) -> str:
+                  units: int, hold: str) -> str:
     """Decide and send one message (``wire``: as received after DATA, still
-    dot-stuffed) whose RCPTs reserved ``units``; return the reply to DATA.
+    dot-stuffed) whose RCPTs reserved ``units`` under ``hold``; return the
+    reply to DATA.
     Upstreams get it with relayd's Received: field on top (SPEC 3.16); the
     mail log's ``size=`` is the client's message without that field, after
     dot-unstuffing (SPEC 3.17)."""
@@ -129,7 +130,7 @@ async def deliver(relay: Relay, session: Session, envelope: Envelope, wire: byte
     sender = envelope.mail_from or ""
     rcpts = list(envelope.rcpt_tos)
     msg_id = session.message_id()
-    settlement = Settlement(relay, session.user or "", units, time.time())
+    settlement = Settlement(relay, session.user or "", hold, units, time.time())
     # What _send's prepare (the From rewrite) starts from. ``wire`` is in DATA
     # wire form, dot-stuffed (RFC 5321 4.5.2): the Received field never starts
     # with '.', so prepending it needs no stuffing, and every byte after it
@@ -190,7 +191,7 @@ async def _send(relay: Relay, session: Session, sender: str, rcpts: list[str], w
     except HeaderTooLarge:
         return "rejected", replies.HEADER_TOO_BIG, None
     try:
-        await settlement.journal()
+        await settlement.count()
     except StoreError:
         log.exception("session=%s cannot journal quota usage", msg_id)
         return "error", replies.INTERNAL_ERROR, None
@@ -210,7 +211,7 @@ async def _send(relay: Relay, session: Session, sender: str, rcpts: list[str], w
         mail_params=session.mail_params, rcpt_params=session.rcpt_params)
     metrics.DELIVERY_DURATION.observe(time.monotonic() - started)
     if outcome.delivered:
-        settlement.commit()
+        settlement.keep()
     return _verdict(outcome, msg_id)
 
 

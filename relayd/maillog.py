@@ -81,8 +81,12 @@ def set_level(level: str) -> None:
     # the 538 to an AUTH LOGIN before STARTTLS, is the client's base64 user
     # name and password. relayd logs what it needs itself, by session id.
     # aiosqlite logs every SQL statement with its parameters (upstream
-    # passwords) at DEBUG. Neither may follow the root level down.
+    # passwords) at DEBUG. Neither may follow the root level down. aiosmtpd's
+    # PROXY parser warns of each bad header on "mail.debug": relayd logs its
+    # own proxy_refused line (proxied.py). asyncpg logs statements nowhere,
+    # and its connection errors never carry the password.
     logging.getLogger("mail.log").setLevel(logging.ERROR)
+    logging.getLogger("mail.debug").setLevel(logging.ERROR)
     logging.getLogger("aiosqlite").setLevel(logging.WARNING)
 
 

@@ -25,6 +25,10 @@ AUTH_ATTEMPTS = Counter(
 LIMIT_REJECTIONS = Counter(
     "relayd_limit_rejections", "Recipients refused because a quota was reached.",
     ["limit"], registry=REGISTRY)
+PROXY_REFUSALS = Counter(
+    "relayd_proxy_refusals", "Connections of a proxy_protocol listener closed before the "
+    "session, by reason (untrusted_peer, no_proxy_header, malformed_header, timed_out, "
+    "connection_closed, too_many_sessions).", ["reason"], registry=REGISTRY)
 UPSTREAM_ATTEMPTS = Counter(
     "relayd_upstream_attempts", "Delivery attempts per upstream by result (ok, error, refused, "
     "skipped: the upstream lacks 8BITMIME or SMTPUTF8 for the message).",

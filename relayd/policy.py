@@ -7,8 +7,11 @@ Quota model (SPEC 3.4)
 Quotas count accepted recipients. Each RCPT *reserves* one unit; the check
 and the reservation happen in one synchronous call, so with one event loop no
 interleaving of sessions can exceed a limit. A reservation becomes *sent*
-when an upstream accepts the message, and is released on RSET, disconnect or
-failed delivery. Reserved units count against both limits while pending.
+(commit) when the message is journalled, just before an upstream sees it,
+is released on RSET or disconnect, and a failed delivery undoes its commit
+(uncount). Reserved units count against both limits while pending. This is
+the embedded store's quota state (store/sqlite.py); the PostgreSQL backend
+keeps the same in the shared database.
 
 The hourly window is rolling: the last 3600 s of sent units, kept as a deque
 of (timestamp, count) per user and trimmed lazily.
@@ -32,6 +35,7 @@ class Verdict(enum.Enum):
     DISABLED = "disabled"
     HOURLY = "hourly"
     TOTAL = "total"
+    GONE = "gone"           # the user was removed (a shared store's answer)
 
     @property
     def reply(self) -> str:
@@ -43,6 +47,7 @@ _VERDICT_REPLY = {
     Verdict.DISABLED: replies.AUTH_DISABLED,
     Verdict.HOURLY: replies.HOURLY_LIMIT,
     Verdict.TOTAL: replies.TOTAL_LIMIT,
+    Verdict.GONE: replies.AUTH_INVALID,
 }
 
 
@@ -104,6 +109,16 @@ class Ledger:
         u.window.append((ts, n))
         u.window_sum += n
 
+    def uncount(self, user: str, n: int, ts: float) -> None:
+        """Undo ``commit(user, n, ts)``: the message was not delivered after all."""
+        u = self._get(user)
+        u.sent_total -= n
+        for i in range(len(u.window) - 1, -1, -1):     # recent: near the right end
+            if u.window[i][0] == ts:
+                u.window[i] = (ts, u.window[i][1] - n)
+                u.window_sum -= n
+                return
+
     def forget(self, user: str) -> None:
         self._usage.pop(user, None)
 
@@ -121,28 +136,6 @@ class Ledger:
     def reserved(self, user: str) -> int:
         u = self._usage.get(user)
         return u.reserved if u else 0
-
-
-@dataclass
-class Hold:
-    """The units one message in delivery holds: settled exactly once, by
-    commit (an upstream accepted) or release (anything else, including an
-    unexpected error: callers release in a ``finally``)."""
-
-    ledger: Ledger
-    user: str
-    units: int
-    settled: bool = False
-
-    def commit(self, ts: float) -> None:
-        if not self.settled:
-            self.settled = True
-            self.ledger.commit(self.user, self.units, ts)
-
-    def release(self) -> None:
-        if not self.settled:
-            self.settled = True
-            self.ledger.release(self.user, self.units)
 
 
 # --------------------------------------------------------------------------

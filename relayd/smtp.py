@@ -18,6 +18,7 @@ so the underscore hooks overridden are pinned by tests/test_library_pins.py:
   message is with an upstream cannot make relayd forget that it was sent;
   any reply to DATA ends the transaction; the idle timer does not run
   while the client waits for that reply.
+* The envelope's hooks (EHLO, MAIL, RCPT, RSET, QUIT) are envelope.py's.
 * Exceptions are logged with the session id and answered 451 4.3.0; their
   text never reaches the client.
 * Every reply goes out through replywire.py: one write per reply, however
@@ -34,19 +35,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
 from typing import TYPE_CHECKING
 
-from aiosmtpd.smtp import SMTP, Envelope, TLSSetupException, syntax
+from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 from aiosmtpd.smtp import Session as _Session
 
-from . import (admission, arguments, auth, delivery, ehlo, esmtp, metrics, protolog, replies,
-               replywire, wire)
-from .errors import NotFound
+from . import admission, arguments, auth, metrics, protolog, proxied, replies, replywire, wire
+from .envelope import RelayHandler
 from .maillog import event
 from .esmtp import MailParams, RcptParams
-from .policy import Verdict
-from .records import SmtpUser, Upstream
+from .records import Upstream
 
 if TYPE_CHECKING:
     from .daemon import Relay
@@ -61,7 +59,8 @@ class Session(_Session):
         self.id = secrets.token_hex(5).upper()
         self.user: str | None = None      # SMTP user name once authenticated
         self.auth_stamp: str | None = None  # its password's stamp at AUTH (SPEC 3.3)
-        self.reserved = 0                 # quota units held by this envelope's RCPTs
+        self.reserved = 0                 # quota units held by this envelope's RCPTs,
+        self.hold = ""                    # under this name in the store (store.reserve)
         self.route: list[Upstream] = []   # this transaction's candidates, decided at MAIL
         self.route_generation = (0, 0)    # (config, records) generations they were decided under
         # The transaction's ESMTP parameters (esmtp.py), one RcptParams per
@@ -71,9 +70,13 @@ class Session(_Session):
         self.esmtp_args: list[str] = []   # the MAIL/RCPT being handled: relayd's parameters
         self.messages = 0
         self.errors = 0
+        self.client_ip: str | None = None   # set by RelaySMTP from its admission
 
     @property
     def ip(self) -> str:
+        """The client's address: the TCP peer's, or a PROXY header's (proxied.py)."""
+        if self.client_ip is not None:
+            return self.client_ip
         return self.peer[0] if isinstance(self.peer, tuple) else str(self.peer)
 
     def message_id(self) -> str:
@@ -83,7 +86,8 @@ class Session(_Session):
 class RelaySMTP(auth.AuthCommands, arguments.ArgumentCommands, SMTP):
     """One client connection."""
 
-    def __init__(self, relay: Relay, tls: str, auth_require_tls: bool):
+    def __init__(self, relay: Relay, tls: str, auth_require_tls: bool,
+                 proxy_protocol: bool = False):
         cfg = relay.config
         self.relay = relay
         # The reader's buffer bound (limits.max_line_length, default 1001 as
@@ -94,7 +98,9 @@ class RelaySMTP(auth.AuthCommands, arguments.ArgumentCommands, SMTP):
         self.line_length_limit = cfg.limits.max_line_length
         self._counted = False                 # holds an admission slot (admission.py)
         self._tls = tls
-        self.client_ip: str | None = None     # set at accept
+        self.peer_ip: str | None = None       # the TCP peer, set at accept
+        self.client_ip: str | None = None     # the client: the peer, or a PROXY header's
+        self._proxy = proxy_protocol
         self._refusal: str | None = None      # admission's verdict at accept
         self._raw: asyncio.BaseTransport | None = None   # implicit TLS: the TCP transport
         self._tls_started: float | None = None  # loop time a STARTTLS handshake began
@@ -127,7 +133,9 @@ class RelaySMTP(auth.AuthCommands, arguments.ArgumentCommands, SMTP):
         self.guard_arguments()              # arguments.py: UTF-8 in addresses only
 
     def _create_session(self) -> Session:
-        return Session(self.loop)
+        session = Session(self.loop)
+        session.client_ip = self.client_ip
+        return session
 
     def _set_rset_state(self) -> None:
         # aiosmtpd discards the envelope here on RSET, HELO, EHLO and the
@@ -151,16 +159,34 @@ class RelaySMTP(auth.AuthCommands, arguments.ArgumentCommands, SMTP):
         # SPEC 9: the slot is taken and admission decided at accept, before
         # a byte is exchanged; a TLS handshake in progress holds a slot too.
         peer = transport.get_extra_info("peername")
-        self.client_ip = peer[0] if isinstance(peer, tuple) else str(peer)
+        self.peer_ip = peer[0] if isinstance(peer, tuple) else str(peer)
         self._counted = True
+        if self._proxy:                      # the client is who the PROXY header says
+            self._raw = transport
+            proxied.accept(self, transport)  # type: ignore[arg-type]
+            return
+        self.client_ip = self.peer_ip
         self._refusal = admission.open_slot(self)
+        self._begin(transport)
+
+    def proxied(self, transport: asyncio.Transport, client_ip: str, early: bytes) -> None:
+        """proxied.py has read the PROXY header: the connection is ours, from
+        ``client_ip``; ``early`` is what the client sent after the header."""
+        transport.set_protocol(self)
+        self.client_ip = client_ip
+        self._refusal = admission.admit(self)
+        self._begin(transport, early)
+
+    def _begin(self, transport: asyncio.BaseTransport, early: bytes = b"") -> None:
         if self._tls != "implicit":
             super().connection_made(transport)
+            if early:
+                self.data_received(early)
         elif self._refusal == replies.TOO_MANY_SESSIONS:
             transport.abort()                # nothing can be said before the handshake
         else:                                # a lockout or drain 421 comes after it
             self._raw = transport
-            admission.start_implicit_tls(self, transport)  # type: ignore[arg-type]
+            admission.start_implicit_tls(self, transport, early)  # type: ignore[arg-type]
 
     def release(self) -> None:
         """Give back the admission slot and the quota units held, once."""
@@ -333,117 +359,3 @@ class RelaySMTP(auth.AuthCommands, arguments.ArgumentCommands, SMTP):
             self.close()
             return None
         return False if body is None else body
-
-
-class RelayHandler(auth.AuthMechanisms):
-    """aiosmtpd hooks; one instance per connection."""
-
-    def __init__(self, relay: Relay):
-        self.relay = relay
-
-    # -- EHLO: ehlo.py's keywords, each once, in its order (SPEC 3.14)
-
-    async def handle_EHLO(self, server: RelaySMTP, session: Session, envelope: Envelope,
-                          hostname: str, responses: list[str]) -> list[str]:
-        session.host_name = hostname
-        return ehlo.reply(responses, self.relay.config.limits.max_message_size)
-
-    # -- envelope
-
-    def _current_user(self, session: Session) -> SmtpUser | None:
-        """The session's user as the store has it now; None once it was
-        removed or its password reset since this session's AUTH (SPEC 3.3:
-        535 at the next MAIL or RCPT)."""
-        store = self.relay.store
-        user = store.get_user(session.user or "")
-        if user is None or store.credential_stamp(user.name) != session.auth_stamp:
-            return None
-        return user
-
-    def release(self, session: Session | None) -> None:
-        """Give back the quota units this session's RCPTs reserved."""
-        if session is not None and session.reserved and session.user:
-            self.relay.ledger.release(session.user, session.reserved)
-            session.reserved = 0
-
-    async def handle_RSET(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
-        self.release(session)
-        return replies.OK
-
-    async def handle_QUIT(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
-        self.release(session)
-        return replies.BYE
-
-    async def handle_MAIL(self, server: RelaySMTP, session: Session, envelope: Envelope,
-                          address: str, mail_options: list[str]) -> str:
-        relay = self.relay
-        if relay.draining:
-            server.loop.call_soon(server.close)   # after the reply is written
-            return replies.SHUTTING_DOWN
-        if relay.store_problem is not None:      # SPEC 9: no mail into a lost store
-            return replies.STORE_UNAVAILABLE
-        try:
-            params = esmtp.parse_mail(session.esmtp_args)
-            esmtp.check_address(address, params.smtputf8, replies.BAD_SENDER_ADDRESS)
-        except esmtp.ParamError as refusal:
-            return refusal.reply
-        for opt in mail_options:
-            key, _, value = opt.partition("=")
-            if key == "SIZE" and value.isdigit() and int(value) > relay.config.limits.max_message_size:
-                return replies.MESSAGE_TOO_BIG
-        user = self._current_user(session)
-        if user is None:
-            return replies.AUTH_INVALID
-        if not user.enabled:
-            return replies.AUTH_DISABLED
-        try:
-            session.route = delivery.route(relay, user, address)
-        except NotFound:
-            session.route = []
-        session.route_generation = delivery.route_generation(relay)
-        if not session.route:
-            return replies.NO_UPSTREAM
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
-        session.mail_params = params
-        return replies.SENDER_OK
-
-    async def handle_RCPT(self, server: RelaySMTP, session: Session, envelope: Envelope,
-                          address: str, rcpt_options: list[str]) -> str:
-        relay = self.relay
-        try:
-            params = esmtp.parse_rcpt(session.esmtp_args)
-            esmtp.check_address(address, session.mail_params.smtputf8, replies.BAD_RCPT_ADDRESS)
-        except esmtp.ParamError as refusal:
-            metrics.RECIPIENTS.labels("invalid").inc()
-            return refusal.reply
-        if len(envelope.rcpt_tos) >= relay.config.limits.max_recipients:
-            metrics.RECIPIENTS.labels("too_many").inc()
-            return replies.TOO_MANY_RCPTS
-        user = self._current_user(session)
-        if user is None:
-            return replies.AUTH_INVALID
-        verdict = relay.ledger.reserve(user, time.time())
-        if verdict is not Verdict.OK:
-            metrics.RECIPIENTS.labels(verdict.value).inc()
-            if verdict in (Verdict.HOURLY, Verdict.TOTAL):
-                metrics.LIMIT_REJECTIONS.labels(verdict.value).inc()
-            return verdict.reply
-        session.reserved += 1
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(rcpt_options)
-        session.rcpt_params.append(params)       # aligned with rcpt_tos
-        metrics.RECIPIENTS.labels("accepted").inc()
-        return replies.RCPT_OK
-
-    # -- delivery
-
-    async def deliver(self, server: RelaySMTP, session: Session, envelope: Envelope,
-                      wire: bytes) -> str:
-        # From here the delivery owns the reservation: a disconnect must not
-        # release units for a message an upstream may be accepting.
-        units, session.reserved = session.reserved, 0
-        task = asyncio.ensure_future(delivery.deliver(self.relay, session, envelope, wire, units))
-        self.relay.inflight.add(task)
-        task.add_done_callback(self.relay.inflight.discard)
-        return await asyncio.shield(task)

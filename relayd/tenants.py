@@ -35,8 +35,7 @@ from .errors import RecordError
 from .records import App, DomainSettings, Owner, Upstream
 
 if TYPE_CHECKING:
-    from .policy import Ledger
-    from .store import Store
+    from .store import RecordStore as Store
 
 MASK = "********"             # what every answer shows instead of a stored password
 
@@ -77,14 +76,11 @@ def _mask_refused(field: str) -> RecordError:
 
 
 class Tenants:
-    """The rules above over one ``store``. ``ledger``: the quota state whose
-    entries removed SMTP users leave behind; ``forget_upstreams``: called
+    """The rules above over one ``store``; ``forget_upstreams``: called
     with the ids of removed upstreams (metrics.forget_upstreams)."""
 
-    def __init__(self, store: Store, ledger: Ledger, *,
-                 forget_upstreams: Callable[[Iterable[str]], None]):
+    def __init__(self, store: Store, *, forget_upstreams: Callable[[Iterable[str]], None]):
         self.store = store
-        self.ledger = ledger
         self.forget_upstreams = forget_upstreams
 
     # ------------------------------------------------------------ owners and apps
@@ -143,12 +139,9 @@ class Tenants:
         self._forget_usage([name])
 
     def _forget_usage(self, names: list[str]) -> None:
-        """Drop the quota state of removed users -- except while a session
-        still holds reservations for one: it releases them later, and the
-        ledger refuses to release what it no longer knows."""
+        """Drop the quota state of removed users (store.forget_usage)."""
         for name in names:
-            if self.ledger.reserved(name) == 0:
-                self.ledger.forget(name)
+            self.store.forget_usage(name)
 
     # ------------------------------------------------------------ upstreams
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -26,9 +27,11 @@ from helpers_records import Tenant, create_tenant
 from relayd import config as config_mod
 from relayd import maillog
 from relayd.daemon import Relay
-from relayd.store import Store
+from relayd.store import RecordStore, Store, store_for
 
 from admin_client import AdminClient, Owner, new_owner, unix_client
+
+pytest_plugins = ["pg_fixtures"]
 
 maillog.setup("debug")
 
@@ -242,9 +245,28 @@ def base_config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
     return data
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a store lives, once per backend: an SQLite file, or a fresh
+    database of the throw-away PostgreSQL cluster (pg_fixtures.py)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "state" / "relayd.db")
+    return request.getfixturevalue("pg_dsn")
+
+
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    """A real, open SQLite store on a temporary file (no relayd around it)."""
+async def store(database: str) -> AsyncIterator[RecordStore]:
+    """A real, open store on each backend in turn (no relayd around it):
+    every store behaviour is proven on both."""
+    s = store_for(database)
+    await s.open()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
+    """A real, open SQLite store, for what only the embedded backend has."""
     s = Store(tmp_path / "state" / "relayd.db")
     await s.open()
     yield s
@@ -252,10 +274,19 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 
 @pytest.fixture
-async def relay_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+async def relay_factory(tmp_path: Path, request: pytest.FixtureRequest
+                        ) -> AsyncIterator[Callable[..., Any]]:
+    """make(**config overrides) -> a started in-process Relay. With
+    RELAYD_TEST_BACKEND=postgresql in the environment every relay without a
+    ``database`` of its own runs on a fresh PostgreSQL database: the whole
+    SMTP suite on the shared backend."""
     relays: list[Relay] = []
+    shared = (request.getfixturevalue("pg_dsn")
+              if os.environ.get("RELAYD_TEST_BACKEND") == "postgresql" else None)
 
     async def make(**overrides: Any) -> Relay:
+        if shared is not None and "database" not in overrides:
+            overrides["database"] = shared
         cfg = config_mod.parse(base_config(tmp_path, **overrides))
         relay = Relay(cfg)
         await relay.start()

@@ -13,6 +13,7 @@ their records through the API on purpose and do not use these.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,3 +53,12 @@ async def provision_db(state_dir: Path, **kwargs: Any) -> Tenant:
         return await create_tenant(store, **kwargs)
     finally:
         await store.close()
+
+
+async def sent_total(relay: Any, user: str) -> int:
+    """The user's sent_total as the relay's store has it (either backend)."""
+    return (await relay.store.usage(user, time.time()))[0]
+
+
+async def sent_last_hour(relay: Any, user: str) -> int:
+    return (await relay.store.usage(user, time.time()))[1]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
+from signal import Signals
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,10 +31,12 @@ class RelaydProcess:
         self.metrics_port: int | None = None
 
     @classmethod
-    async def start(cls, config: dict[str, Any], path: Path) -> RelaydProcess:
+    async def start(cls, config: dict[str, Any], path: Path,
+                    env: dict[str, str] | None = None) -> RelaydProcess:
+        """``env``: added to the environment (RELAYD_CONFIG is never inherited)."""
         path.write_text(yaml.safe_dump(config))
         self = cls(path)
-        env = {k: v for k, v in os.environ.items() if k != "RELAYD_CONFIG"}
+        env = {**{k: v for k, v in os.environ.items() if k != "RELAYD_CONFIG"}, **(env or {})}
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "relayd", "-c", str(path),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
@@ -80,7 +82,7 @@ class RelaydProcess:
     def log(self) -> str:
         return "\n".join(self.lines)
 
-    def signal(self, sig: signal.Signals) -> None:
+    def signal(self, sig: Signals) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
 

@@ -177,8 +177,9 @@ async def test_list(relay, admin, owner):
     names = [(await add_user(admin, owner, total_limit=n))["smtp_user_name"] for n in (5, 6)]
     user = relay.store.get_user(names[0])
     now = time.time()
-    relay.ledger.reserve(user, now, 2)
-    relay.ledger.commit(user.name, 2, now)
+    for _ in range(2):
+        await relay.store.reserve(user, "h", now)
+    await relay.store.count(user.name, "h", now, 2)
     r = await admin.request("POST", LIST, json=owner.creds)
     assert r.status == 200
     body = r.json()

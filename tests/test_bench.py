@@ -1,7 +1,14 @@
 """The benchmark harness runs end to end (sink, relayd, provisioning through
 the admin API, load generator, memory checks, report): a smoke run with tiny
 durations so that bench/ cannot rot. It asserts the report's shape, never a
-speed: performance goals live in the benchmark itself."""
+speed: performance goals live in the benchmark itself.
+
+The scale-out comparison (``--scale-out``) gets the same: a throw-away
+PostgreSQL cluster, one relayd on SQLite and two on PostgreSQL, one round
+of each configuration; so does the front comparison (``--front haproxy``,
+``--front reuseport``: two relayd processes behind HAProxy or on one
+SO_REUSEPORT port). Like the PostgreSQL and HAProxy tests, they fail rather
+than skip without PostgreSQL or HAProxy: CI installs both."""
 
 from __future__ import annotations
 
@@ -32,4 +39,68 @@ def test_bench_smoke_run(tmp_path: Path):
     assert "sink: aiosmtpd sink;" in report
     assert "5 idle authenticated sessions" in report
     assert "one 10 MB message" in report
+    assert "session errors" not in r.stderr, r.stderr[-2000:]
+
+
+def test_bench_scale_out_smoke_run(tmp_path: Path):
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# relayd benchmark results\n\nthe matrix's table\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "bench", "--scale-out", "--duration", "0.5", "--sizes", "1024",
+         "--sessions", "2", "--repeats", "1", "--processes", "1", "--sink", "aiosmtpd",
+         "--probe-rows", "100", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = out.read_text()
+    assert report.startswith("# relayd benchmark results\n\nthe matrix's table\n"), \
+        "the matrix's part is kept"
+    rows = {cells[3]: cells for cells in (
+        [c.strip() for c in line.split("|")] for line in report.splitlines()
+        if line.startswith("| 1 KB | 2 | "))}
+    assert set(rows) == {"sqlite x1", "postgresql x1", "postgresql x2"}, report
+    for label, cells in rows.items():
+        assert float(cells[4]) > 0, f"{label} delivered messages"
+        assert float(cells[8]) > 0, f"{label}: relayd CPU per message"
+    assert len(rows["postgresql x2"][7].split("+")) == 2, "each process's CPU"
+    assert rows["sqlite x1"][9:11] == ["-", "-"], "no database cost for SQLite"
+    for label in ("postgresql x1", "postgresql x2"):
+        postgres_us, round_trips = (float(x) for x in rows[label][9:11])
+        assert postgres_us > 0 and round_trips >= 1, rows[label]
+    assert "postgresql x1 / sqlite x1 = " in report and "(target >= 0.7: " in report
+    assert "`SELECT relayd_reserve($1, $2, $3, $4)`" in report
+    assert "| 100 |" in report, "the reservation probe's largest window"
+    assert "8 cores ~ " in report and "16 cores ~ " in report
+    assert report.count("## Analysis (hand-written") == 1
+    assert "session errors" not in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("front", ["haproxy", "reuseport"])
+def test_bench_front_smoke_run(tmp_path: Path, front: str):
+    """``--front``: two relayd processes on PostgreSQL behind HAProxy
+    (examples/haproxy.cfg) or on one SO_REUSEPORT port, N = 1 and 2."""
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# relayd benchmark results\n\nthe matrix's table\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "bench", "--front", front, "--instances", "2",
+         "--duration", "0.5", "--sizes", "1024", "--sessions", "2", "--repeats", "1",
+         "--processes", "1", "--sink", "aiosmtpd", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = out.read_text()
+    assert report.startswith("# relayd benchmark results\n\nthe matrix's table\n"), \
+        "the matrix's part is kept"
+    rows = {cells[3]: cells for cells in (
+        [c.strip() for c in line.split("|")] for line in report.splitlines()
+        if line.startswith("| 1 KB | 2 | "))}
+    assert set(rows) == {f"{front} x1", f"{front} x2"}, report
+    for label, cells in rows.items():
+        assert float(cells[4]) > 0, f"{label} delivered messages"
+        assert float(cells[8]) > 0, f"{label}: relayd CPU per message"
+        postgres_us, round_trips = (float(x) for x in cells[10:12])
+        assert postgres_us > 0 and round_trips >= 1, cells
+        assert (cells[9] == "-") == (front == "reuseport"), "HAProxy's CPU, for HAProxy only"
+    assert len(rows[f"{front} x2"][7].split("+")) == 2, "each process's CPU"
+    assert f"- {front}, 1 KB x 2: " in report and "(bound: +10%)" in report
+    assert "16 cores on paper" in report and f"| {front}, 1 KB |" in report
+    assert report.count("## Analysis (hand-written") == 1
     assert "session errors" not in r.stderr, r.stderr[-2000:]

@@ -163,7 +163,8 @@ def test_print_config_masks_passwords() -> None:
     # the effective config is itself a valid config, defaults filled in
     assert dumped["limits"]["max_errors"] == 1
     assert dumped["received_header"] == "hide_client"
-    assert dumped["listen"][1] == {"address": "[::1]:0", "tls": "none", "auth_require_tls": True}
+    assert dumped["listen"][1] == {"address": "[::1]:0", "tls": "none", "auth_require_tls": True,
+                                   "proxy_protocol": False, "reuse_port": False}
     config.parse(dumped)
 
 
@@ -176,7 +177,10 @@ def test_print_config_embedded_default(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     dumped = yaml.safe_load(r.stdout)
     assert dumped["listen"] == [{"address": "127.0.0.1:2587", "tls": "none",
-                                 "auth_require_tls": False}]
+                                 "auth_require_tls": False, "proxy_protocol": False,
+                                 "reuse_port": False}]
+    assert dumped["trusted_proxies"] == ["127.0.0.1/32", "::1/128"]
+    assert dumped["timeouts"]["proxy"] == 5
     assert dumped["state_dir"] == "./relayd-data"
     assert dumped["admin"]["socket"] == "./relayd-data/admin.sock"
     assert dumped["metrics"]["listen"] == "127.0.0.1:9587"
@@ -407,6 +411,27 @@ def test_database_path() -> None:
     assert config.parse({"state_dir": "/var/lib/relayd"}).database_path == Path(
         "/var/lib/relayd/relayd.db")
     assert config.parse({"database": "/srv/r.db"}).database_path == Path("/srv/r.db")
+
+
+def test_database_dsn_or_path() -> None:
+    dsn = "postgresql://relayd@db.example.com:5432/relayd"
+    cfg = config.parse({"database": dsn})
+    assert cfg.database_dsn == dsn
+    assert config.parse({"database": "postgres:///relayd"}).database_dsn == "postgres:///relayd"
+    for path in ("/srv/r.db", "relative/r.db", "C:/r.db", "./odd:name.db"):
+        assert config.parse({"database": path}).database_dsn is None
+
+
+def test_print_config_and_the_start_log_mask_the_dsn_password(tmp_path: Path) -> None:
+    path = tmp_path / "relayd.yaml"
+    path.write_text('database: "postgresql://relayd:hunter2@db.example.com/relayd"\n')
+    r = run_relayd("-c", str(path), "--print-config")
+    assert r.returncode == 0, r.stderr
+    assert "hunter2" not in r.stdout
+    assert yaml.safe_load(r.stdout)["database"] == (
+        "postgresql://relayd:********@db.example.com/relayd")
+    eff = config.flatten(config.effective(config.parse(yaml.safe_load(path.read_text()))))
+    assert eff["database"] == "postgresql://relayd:********@db.example.com/relayd"
 
 
 def test_parse_collects_every_problem() -> None:

@@ -1,19 +1,20 @@
 """The delivery services without sockets: the failover loop with fake
 upstream callables (failover.deliver), the exactly-once quota settlement
-with a recording store (delivery.Settlement), and the upstream-health book
+over a real SQLite store (delivery.Settlement), and the upstream-health book
 the store keeps (routing.ErrorBook through store.view)."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
 from relayd.delivery import Settlement
-from relayd.errors import StoreError, UpstreamError
-from relayd.policy import Ledger
-from relayd.records import SmtpUser, Upstream
+from relayd.errors import UpstreamError
+from relayd.policy import Verdict
+from relayd.records import Upstream
+from relayd.store import RecordStore, Store
 from relayd.store.view import View
 from relayd.failover import deliver
 
@@ -88,62 +89,56 @@ async def test_every_candidate_failing_is_not_delivered():
 # ------------------------------------------------------------------ settlement
 
 @dataclass
-class RecordingStore:
-    rows: list[tuple[str, float, int]] = field(default_factory=list)
-    fail: bool = False
-
-    async def journal_send(self, user: str, ts: float, rcpts: int) -> None:
-        if self.fail:
-            raise StoreError("disk full")
-        self.rows.append((user, ts, rcpts))
+class StoreRelay:
+    store: RecordStore
 
 
-@dataclass
-class FakeRelay:
-    ledger: Ledger
-    store: RecordingStore
-
-
-USER = SmtpUser("smtp1", "o", "a", 10, 10, "Enable", "")
-
-
-def reserved(units: int) -> FakeRelay:
-    relay = FakeRelay(Ledger(), RecordingStore())
+async def reserved(store: RecordStore, units: int) -> tuple[StoreRelay, str]:
+    """A relay around the real ``store`` whose user holds ``units`` under hold "h"."""
+    owner, _, app = await store.create_owner("free")
+    user, _ = await store.create_user(owner.owner_id, app.idapp, 10, 10)
     for _ in range(units):
-        relay.ledger.reserve(USER, 100.0)
-    return relay
+        assert await store.reserve(user, "h", 100.0) is Verdict.OK
+    return StoreRelay(store), user.name
 
 
-async def test_commit_after_the_journal_counts_once():
-    relay = reserved(2)
-    s = Settlement(relay, "smtp1", 2, 100.0)          # type: ignore[arg-type]
-    await s.journal()
-    s.commit()
+async def test_kept_after_the_count_counts_once(store: RecordStore):
+    relay, name = await reserved(store, 2)
+    s = Settlement(relay, name, "h", 2, 100.0)        # type: ignore[arg-type]
+    await s.count()
+    s.keep()
     await s.undo("m")                                  # the finally: a no-op now
-    assert relay.store.rows == [("smtp1", 100.0, 2)]
-    assert relay.ledger.sent_total("smtp1") == 2 and relay.ledger.reserved("smtp1") == 0
+    assert store.held(name) == 0 and await store.usage(name, 100.0) == (2, 2)
 
 
-@pytest.mark.parametrize("journaled", [True, False])
-async def test_undo_releases_and_cancels_the_journal_row_exactly_once(journaled):
-    relay = reserved(3)
-    s = Settlement(relay, "smtp1", 3, 100.0)          # type: ignore[arg-type]
-    if journaled:
-        await s.journal()
+@pytest.mark.parametrize("counted", [True, False])
+async def test_undo_releases_or_uncounts_exactly_once(store: RecordStore, counted: bool):
+    relay, name = await reserved(store, 3)
+    s = Settlement(relay, name, "h", 3, 100.0)        # type: ignore[arg-type]
+    if counted:
+        await s.count()
+        assert await store.usage(name, 100.0) == (3, 3)
     await s.undo("m")
     await s.undo("m")
-    assert relay.ledger.reserved("smtp1") == 0 and relay.ledger.sent_total("smtp1") == 0
-    assert relay.store.rows == ([("smtp1", 100.0, 3), ("smtp1", 100.0, -3)] if journaled else [])
+    assert store.held(name) == 0 and await store.usage(name, 100.0) == (0, 0)
+    # Every unit is free again (a shared store releases in the background).
+    await store.flush()
+    user = store.get_user(name)
+    assert user is not None
+    assert [await store.reserve(user, "next", 100.0) for _ in range(11)].count(Verdict.OK) == 10
 
 
-async def test_an_undo_the_store_refuses_still_releases_the_units():
-    relay = reserved(1)
-    s = Settlement(relay, "smtp1", 1, 100.0)          # type: ignore[arg-type]
-    await s.journal()
-    relay.store.fail = True
+async def test_an_uncount_the_store_refuses_leaves_the_units_counted(sqlite_store: Store):
+    store = sqlite_store
+    relay, name = await reserved(store, 1)
+    s = Settlement(relay, name, "h", 1, 100.0)        # type: ignore[arg-type]
+    await s.count()
+    await store.db.execute("PRAGMA query_only = ON")   # every write now fails
     await s.undo("m")                                  # logged, errs on the side of the limit
-    assert relay.ledger.reserved("smtp1") == 0
-    assert relay.store.rows == [("smtp1", 100.0, 1)]
+    await store.db.execute("PRAGMA query_only = OFF")
+    assert store.held(name) == 0 and await store.usage(name, 100.0) == (1, 1)
+    rows = await store.db.execute_fetchall("SELECT ts, rcpts FROM sends WHERE user = ?", (name,))
+    assert [tuple(r) for r in rows] == [(100.0, 1)]
 
 
 # ------------------------------------------------------------------ health

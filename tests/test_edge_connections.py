@@ -134,7 +134,7 @@ async def _after_mail(relay: Any, tenant: Any, ctx: ssl.SSLContext) -> RawSMTP:
 async def _after_rcpt(relay: Any, tenant: Any, ctx: ssl.SSLContext) -> RawSMTP:
     c = await _after_mail(relay, tenant, ctx)
     assert (await c.cmd("RCPT TO:<to@example.net>")).code == 250
-    assert relay.ledger.reserved(tenant.user) == 1
+    assert relay.store.held(tenant.user) == 1
     return c
 
 
@@ -218,7 +218,7 @@ async def test_connection_closed_at_any_stage_frees_its_slot(edge, client_ssl, s
         await wait_for(lambda: slots(relay) == plus_one(base), PROMPT)
         hang_up(c, how)
     await wait_for(lambda: slots(relay) == base, PROMPT)
-    assert relay.ledger.reserved(tenant.user) == 0
+    assert relay.store.held(tenant.user) == 0
 
 
 async def test_connect_and_close_flood_does_not_lock_the_address_out(relay_factory, provision,

@@ -29,6 +29,7 @@ from conftest import simple_message
 from helpers_smtp import RawSMTP, Reply, authed, dot_stuff, mail_lines, upstream_by_port
 from relayd import esmtp, metrics
 from relayd.esmtp import MailParams, ParamError, RcptParams
+from helpers_records import sent_total
 
 SENDER = "app@example.com"
 RCPT = "to@example.net"
@@ -422,8 +423,8 @@ async def test_no_upstream_can_take_it(relay, provision, upstream, caplog, need,
     assert ("8BITMIME" if need == "8bit" else "SMTPUTF8") in r.text
     assert first.commands(b"MAIL") == second.commands(b"MAIL") == []
     # The quota units go back; nobody's numerrors grows.
-    assert relay.ledger.reserved(tenant.user) == 0
-    assert relay.ledger.sent_total(tenant.user) == 0
+    assert relay.store.held(tenant.user) == 0
+    assert await sent_total(relay, tenant.user) == 0
     for up in (first, second):
         assert (await upstream_by_port(relay, tenant.idapp, up.port)).numerrors == 0
     assert mail_lines(caplog.records)[-1]["result"] == "rejected"
@@ -457,7 +458,7 @@ async def test_bad_parameters_501(relay, provision, upstream, command, params):
         assert (await c.cmd(MAIL_FROM)).code == 250
     r = await c.cmd((MAIL_FROM if command == "MAIL" else RCPT_TO) + params)
     assert (r.code, r.enhanced) == (501, "5.5.4"), r
-    assert relay.ledger.reserved(tenant.user) == 0
+    assert relay.store.held(tenant.user) == 0
     await c.close()
 
 
@@ -507,7 +508,7 @@ async def test_non_ascii_recipient_needs_smtputf8_on_mail(relay, provision, upst
     assert (await c.cmd(MAIL_FROM)).code == 250
     r = await c.cmd(f"RCPT TO:<{UTF8_RCPT}>")
     assert (r.code, r.enhanced) == (553, "5.6.7"), r
-    assert relay.ledger.reserved(tenant.user) == 0
+    assert relay.store.held(tenant.user) == 0
     await c.close()
 
 

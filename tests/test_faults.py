@@ -12,7 +12,7 @@ import aiosmtplib
 import pytest
 
 from conftest import base_config, simple_message, sink_upstream, smtp_client
-from helpers_records import provision_db
+from helpers_records import provision_db, sent_total
 from relayd.store import Store
 from relayd_proc import RelaydProcess
 
@@ -73,15 +73,15 @@ async def test_upstream_dies_mid_data_fails_over_and_releases(relay_factory, sin
         await client.sendmail("app@example.com", ["r@example.net"], simple_message())
     assert err.value.code == 451 and "4.4.1" in err.value.message
     await client.quit()
-    assert relay.ledger.reserved(tenant.user) == 0
-    assert relay.ledger.sent_total(tenant.user) == 1
+    assert relay.store.held(tenant.user) == 0
+    assert await sent_total(relay, tenant.user) == 1
     dying.close()
 
 
 async def test_unwritable_database_answers_451_and_recovers(relay_factory, sink_factory,
                                                             provision):
     sink = await sink_factory()
-    relay = await relay_factory()
+    relay = await relay_factory(database=None)      # about the SQLite file itself
     tenant = await provision(relay, upstreams=[sink_upstream(sink)])
     # The database refuses writes, as on a read-only or full disk: SQLite
     # reports both as a failed write, which is what relayd sees.
@@ -91,7 +91,7 @@ async def test_unwritable_database_answers_451_and_recovers(relay_factory, sink_
         await client.sendmail("app@example.com", ["r@example.net"], simple_message())
     assert err.value.code == 451 and "4.3.0" in err.value.message
     assert sink.messages == [], "no message may leave without being counted"
-    assert relay.ledger.reserved(tenant.user) == 0
+    assert relay.store.held(tenant.user) == 0
 
     await relay.store.db.execute("PRAGMA query_only = OFF")
     await client.sendmail("app@example.com", ["r@example.net"], simple_message())
@@ -163,7 +163,7 @@ async def test_unexpected_error_during_delivery_gives_the_units_back(
                               simple_message())
     assert err.value.code == 451 and "4.3.0" in err.value.message
     assert "secret detail" not in err.value.message
-    assert relay.ledger.reserved(tenant.user) == 0
+    assert relay.store.held(tenant.user) == 0
     monkeypatch.undo()
     # All three hourly units are still there.
     await client.sendmail("app@example.com", ["a@example.net", "b@example.net", "c@example.net"],

@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 
 from conftest import simple_message, sink_upstream
+from helpers_records import sent_total
 from helpers_smtp import (SMUGGLED, ConnectionClosed, RawSMTP, Reply, authed, b64, normalised,
                           open_data, plain_blob, wait_for, without_trace)
 
@@ -422,7 +423,7 @@ async def test_hostile_input(case: Case, relay_factory, sink_factory, provision,
     # The session is gone, and with it every reservation; a delivery the
     # client left behind has finished.
     await wait_for(lambda: not relay.sessions and not relay.inflight)
-    assert relay.ledger.reserved(tenant.user) == 0
+    assert relay.store.held(tenant.user) == 0
     got = sink.messages
     if case.upstream is None:
         assert got == [] and sink.transactions == int(case.refused), got
@@ -431,7 +432,7 @@ async def test_hostile_input(case: Case, relay_factory, sink_factory, provision,
         assert without_trace(got[0].data) == case.upstream
         assert got[0].mail_from == SENDER
         assert len(got[0].rcpt_tos) == case.rcpts
-    assert relay.ledger.sent_total(tenant.user) == sum(len(m.rcpt_tos) for m in got)
+    assert await sent_total(relay, tenant.user) == sum(len(m.rcpt_tos) for m in got)
     await still_answers(relay)
     # Hostile input is refused, never an internal error (451 4.3.0 + traceback).
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
@@ -473,7 +474,7 @@ async def test_oversize_data_is_discarded_while_reading(relay_factory, sink_fact
     growth = peak - baseline
     assert growth < 16 << 20, f"RSS grew by {growth >> 20} MiB for a {total >> 20} MiB payload"
     assert sink.messages == [] and sink.connections == 0
-    assert relay.ledger.reserved(tenant.user) == 0 and relay.ledger.sent_total(tenant.user) == 0
+    assert relay.store.held(tenant.user) == 0 and await sent_total(relay, tenant.user) == 0
     # The session is in step: the next message goes through.
     r = await c.send_message(SENDER, [RCPT], MSG)
     assert r.code == 250, r
@@ -513,7 +514,7 @@ async def test_10000_rcpts_with_the_default_error_limit(relay_factory, sink_fact
     assert {r: rcpt_count(r) - before[r] for r in before} == {"accepted": 5, "too_many": 20}
     await c.close()
     await wait_for(lambda: not relay.sessions)
-    assert relay.ledger.reserved(tenant.user) == 0
+    assert relay.store.held(tenant.user) == 0
     assert sink.messages == [] and sink.transactions == 0
     await still_answers(relay)
 
@@ -585,14 +586,14 @@ async def test_hangup_while_the_upstream_decides(relay_factory, sink_factory, pr
     sink.mode = "hang" if outcome == "accept" else "tempfail"
     sink.hang_event.set()
     await wait_for(lambda: not relay.inflight)
-    assert relay.ledger.reserved(tenant.user) == 0
+    assert relay.store.held(tenant.user) == 0
     if outcome == "accept":
         assert [without_trace(m.data) for m in sink.messages] == [MSG]
-        assert relay.ledger.sent_total(tenant.user) == 1
+        assert await sent_total(relay, tenant.user) == 1
         assert (await relay.store.sent_totals())[tenant.user] == 1
     else:
         assert sink.messages == []
-        assert relay.ledger.sent_total(tenant.user) == 0
+        assert await sent_total(relay, tenant.user) == 0
         assert (await relay.store.sent_totals()).get(tenant.user, 0) == 0
     assert sink.transactions == 1
     await still_answers(relay)
@@ -684,8 +685,8 @@ async def test_upstream_reply_with_8bit_and_control_bytes(relay, provision, fina
         assert quoted in r.text, r           # this upstream's own reply is quoted
         assert (await c.cmd("NOOP")).code == 250
         await c.close()
-        assert relay.ledger.reserved(tenant.user) == 0
-        assert relay.ledger.sent_total(tenant.user) == 0
+        assert relay.store.held(tenant.user) == 0
+        assert await sent_total(relay, tenant.user) == 0
     finally:
         server.close()
 
@@ -723,7 +724,7 @@ async def test_trickling_data_is_cut_at_timeouts_data(relay_factory, sink_factor
     assert reply is not None and (reply.code, reply.enhanced) == (421, "4.4.2"), reply
     assert await c.at_eof()
     await c.close()
-    await wait_for(lambda: relay.ledger.reserved(tenant.user) == 0)
+    await wait_for(lambda: relay.store.held(tenant.user) == 0)
     assert sink.messages == []
 
 

@@ -117,6 +117,49 @@ def test_unit_security_exposure() -> None:
     assert rating in ("OK", "SAFE", "PERFECT"), rating
 
 
+TEMPLATE = ROOT / "systemd" / "relayd@.service"
+
+
+def template_of(unit: str) -> str:
+    """relayd.service from [Unit] on, as the template must read: the lines
+    marked "instance" added, nothing else changed."""
+    body = unit[unit.index("[Unit]"):]
+    for old, new in (
+            ("Description=relayd SMTP submission relay\n",
+             "Description=relayd SMTP submission relay, instance %i\n"),
+            ("ExecStart=/usr/local/bin/relayd -c /etc/relayd/relayd.yaml\n",
+             "ExecStart=/usr/local/bin/relayd -c /etc/relayd/relayd.yaml\n"
+             "# instance: admin-N.sock, metrics port + N (relayd --help)\n"
+             "Environment=RELAYD_INSTANCE=%i\n"),
+            ("RuntimeDirectoryMode=0750\n",
+             "RuntimeDirectoryMode=0750\n"
+             "# instance: /run/relayd is every instance's; one stopping must not remove it\n"
+             "RuntimeDirectoryPreserve=yes\n")):
+        assert body.count(old) == 1, old
+        body = body.replace(old, new)
+    return body
+
+
+def test_template_unit_follows_the_single_unit() -> None:
+    """Hardening, limits and signals are relayd.service's, line for line."""
+    text = TEMPLATE.read_text()
+    assert text[text.index("[Unit]"):] == template_of(UNIT.read_text())
+
+
+def test_template_unit_verify_and_exposure(tmp_path: Path) -> None:
+    copy = tmp_path / "relayd@.service"
+    copy.write_text(TEMPLATE.read_text().replace("/usr/local/bin/relayd", installed_relayd()))
+    instance = tmp_path / "relayd@3.service"
+    instance.symlink_to(copy)
+    r = subprocess.run([systemd_analyze(), "verify", str(instance)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and (r.stdout + r.stderr).strip() == "", r.stdout + r.stderr
+    r = subprocess.run([systemd_analyze(), "security", "--offline=true", "--no-pager",
+                        str(instance)], capture_output=True, text=True, timeout=60)
+    m = re.search(r"Overall exposure level for relayd@3\.service: (\d+\.\d+) (\w+)", r.stdout)
+    assert m and float(m.group(1)) <= MAX_EXPOSURE, r.stdout + r.stderr
+
+
 def test_unit_contents() -> None:
     d = unit_directives(UNIT.read_text())
 

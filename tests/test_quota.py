@@ -7,7 +7,6 @@ sans-IO Ledger with explicit clocks, never by sleeping.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -15,6 +14,7 @@ from conftest import simple_message, sink_upstream
 from helpers_smtp import RawSMTP, authed, wait_for
 from relayd.policy import HOUR, Ledger, Verdict
 from relayd.records import SmtpUser
+from helpers_records import sent_last_hour, sent_total
 
 SENDER = "app@example.com"
 MSG = simple_message()
@@ -121,13 +121,13 @@ async def test_quota_counts_accepted_recipients(relay, sink_factory, provision):
     c = await authed(relay, tenant)
     await open_rcpts(c, 2)
     assert (await finish_data(c)).code == 250
-    assert relay.ledger.sent_total(tenant.user) == 2
+    assert await sent_total(relay, tenant.user) == 2
     await open_rcpts(c, 1, start=2)
     r = await c.cmd("RCPT TO:<refused@example.net>")
     assert (r.code, r.enhanced) == (451, "4.7.1"), r
     assert (await finish_data(c)).code == 250
-    assert relay.ledger.sent_total(tenant.user) == 3          # the refused one is not counted
-    assert relay.ledger.reserved(tenant.user) == 0
+    assert await sent_total(relay, tenant.user) == 3          # the refused one is not counted
+    assert relay.store.held(tenant.user) == 0
     assert (await relay.store.sent_totals())[tenant.user] == 3
     assert sum(len(m.rcpt_tos) for m in sink.messages) == 3
     await c.close()
@@ -139,13 +139,13 @@ async def test_rset_and_helo_release_reservations(relay, sink_factory, provision
     tenant = await provision(relay, hourly=2, upstreams=[sink_upstream(sink)])
     c = await authed(relay, tenant)
     await open_rcpts(c, 2)
-    assert relay.ledger.reserved(tenant.user) == 2
+    assert relay.store.held(tenant.user) == 2
     assert (await c.cmd(reset)).code == 250
-    assert relay.ledger.reserved(tenant.user) == 0
+    assert relay.store.held(tenant.user) == 0
     # The same session can use the units again, and is charged only for them.
     await open_rcpts(c, 2)
     assert (await finish_data(c)).code == 250
-    assert relay.ledger.sent_total(tenant.user) == 2
+    assert await sent_total(relay, tenant.user) == 2
     assert sink.messages[0].rcpt_tos == ["r0@example.net", "r1@example.net"]
     await c.close()
 
@@ -157,7 +157,7 @@ async def test_quit_before_data_releases(relay, sink_factory, provision):
     await open_rcpts(c, 2)
     assert (await c.cmd("QUIT")).code == 221
     await c.close()
-    assert relay.ledger.reserved(tenant.user) == 0
+    assert relay.store.held(tenant.user) == 0
     c = await authed(relay, tenant)
     await open_rcpts(c, 2)
     assert (await finish_data(c)).code == 250
@@ -176,7 +176,7 @@ async def test_abrupt_disconnect_releases(relay, sink_factory, provision, where)
         await c.writer.drain()
     c.writer.transport.abort()
     await wait_for(lambda: not relay.sessions)
-    assert relay.ledger.reserved(tenant.user) == 0
+    assert relay.store.held(tenant.user) == 0
     assert sink.messages == []
     c = await authed(relay, tenant)
     await open_rcpts(c, 2)
@@ -191,13 +191,13 @@ async def test_failed_delivery_releases_and_is_not_journalled(relay, sink_factor
     await open_rcpts(c, 2)
     r = await finish_data(c)
     assert (r.code, r.enhanced) == (451, "4.4.1"), r
-    assert relay.ledger.reserved(tenant.user) == 0
-    assert relay.ledger.sent_total(tenant.user) == 0
+    assert relay.store.held(tenant.user) == 0
+    assert await sent_total(relay, tenant.user) == 0
     assert (await relay.store.sent_totals())[tenant.user] == 0
     sink.mode = "accept"
     await open_rcpts(c, 2)
     assert (await finish_data(c)).code == 250
-    assert relay.ledger.sent_total(tenant.user) == 2
+    assert await sent_total(relay, tenant.user) == 2
     assert (await relay.store.sent_totals())[tenant.user] == 2
     await c.close()
 
@@ -221,8 +221,8 @@ async def test_client_hanging_up_during_delivery_does_not_uncount(relay, sink_fa
     sink.hang_event.set()
     await wait_for(lambda: not relay.inflight)
     assert len(sink.messages) == 1
-    assert relay.ledger.sent_total(tenant.user) == 2
-    assert relay.ledger.reserved(tenant.user) == 0
+    assert await sent_total(relay, tenant.user) == 2
+    assert relay.store.held(tenant.user) == 0
 
 
 async def test_concurrent_sessions_never_exceed_the_hourly_limit(relay, sink_factory,
@@ -253,8 +253,8 @@ async def test_concurrent_sessions_never_exceed_the_hourly_limit(relay, sink_fac
     accepted = await asyncio.gather(*(one(i) for i in range(sessions)))
     assert sum(accepted) == limit
     assert sum(len(m.rcpt_tos) for m in sink.messages) == limit
-    assert relay.ledger.sent_total(tenant.user) == limit
-    assert relay.ledger.reserved(tenant.user) == 0
+    assert await sent_total(relay, tenant.user) == limit
+    assert relay.store.held(tenant.user) == 0
     assert (await relay.store.sent_totals())[tenant.user] == limit
 
 
@@ -272,8 +272,8 @@ async def test_usage_survives_a_restart(relay_factory, sink_factory, provision):
 
     relay2 = await relay_factory()       # same tmp_path, so the same state_dir
     assert relay2.store.path == relay.store.path
-    assert relay2.ledger.sent_total(hourly.user) == 3
-    assert relay2.ledger.sent_total(total.user) == 2
+    assert await sent_total(relay2, hourly.user) == 3
+    assert await sent_total(relay2, total.user) == 2
     c = await authed(relay2, hourly)
     assert (await c.cmd(f"MAIL FROM:<{SENDER}>")).code == 250
     r = await c.cmd("RCPT TO:<again@example.net>")
@@ -297,8 +297,8 @@ async def test_failed_delivery_is_not_counted_after_a_restart(relay_factory, sin
     await c.close()
     await relay.close()
     relay2 = await relay_factory()
-    assert relay2.ledger.sent_total(tenant.user) == 0
-    assert relay2.ledger.sent_last_hour(tenant.user, time.time()) == 0
+    assert await sent_total(relay2, tenant.user) == 0
+    assert await sent_last_hour(relay2, tenant.user) == 0
     sink.mode = "accept"
     c = await authed(relay2, tenant)
     await open_rcpts(c, 2)
@@ -318,10 +318,10 @@ async def test_starttls_mid_transaction_releases(relay_factory, tls_files, clien
     tenant = await provision(relay, hourly=2, upstreams=[sink_upstream(sink)])
     c = await authed(relay, tenant)
     await open_rcpts(c, 2)
-    assert relay.ledger.reserved(tenant.user) == 2
+    assert relay.store.held(tenant.user) == 2
     await c.starttls(client_ssl)
     await c.ehlo()          # answered only once the server side has reset the session
-    assert relay.ledger.reserved(tenant.user) == 0
+    assert relay.store.held(tenant.user) == 0
     assert (await c.cmd(f"MAIL FROM:<{SENDER}>")).code == 530     # AUTH is reset too
     await c.login(tenant.user, tenant.password)
     await open_rcpts(c, 2)

@@ -178,8 +178,12 @@ async def test_status(relay):
     assert status["config_generation"] == relay.generation
     assert {"kind": "smtp", "address": "127.0.0.1:0", "port": relay.smtp_ports[0],
             "tls": "none", "serving": True} in status["listeners"]
+    # Embedded store: the cluster is this process alone (SPEC 8.5).
+    assert [(i["pid"], i["hostname"]) for i in status["instances"]] == [
+        (os.getpid(), relay.store.instance.hostname)]
     human = await relayctl(relay, "status")
     assert human.rc == 0 and "config_generation" in human.out and "listeners:" in human.out
+    assert "instances:" in human.out and relay.store.instance.id in human.out
 
 
 async def test_socket_lookup_and_json_after_subcommand(relay, tmp_path):

@@ -16,6 +16,7 @@ from helpers_smtp import authed, upstream_by_port, without_trace
 from relayd import routing
 from relayd.records import DomainSettings, Upstream
 from relayd.routing import ErrorBook, FailoverRules, order, plan_attempts, pool, route
+from helpers_records import sent_total
 
 SENDER = "app@example.com"
 MSG = simple_message()
@@ -283,7 +284,7 @@ async def test_deadline_ends_failover(relay_factory, sink_factory, provision):
     assert (r.code, r.enhanced) == (451, "4.4.2"), r
     assert "deadline" in r.text
     assert spare.connections == 0
-    assert relay.ledger.reserved(tenant.user) == 0
+    assert relay.store.held(tenant.user) == 0
     assert (await upstream_by_port(relay, tenant.idapp, slow.port)).numerrors == 1
 
 
@@ -296,7 +297,7 @@ async def test_upstream_refusing_a_recipient_permanently_554(relay, sink_factory
     assert r.code == 554, r
     assert "No such user" in r.text
     assert spare.connections == 0 and picky.messages == []
-    assert relay.ledger.sent_total(tenant.user) == 0
+    assert await sent_total(relay, tenant.user) == 0
 
 
 async def test_domain_route_is_tried_first(relay, sink_factory, provision):

@@ -341,7 +341,7 @@ async def test_file_modes_whatever_the_umask(relay_factory, provision, sink_fact
     monkeypatch.setattr(os, "chmod", recording_chmod)
     old = os.umask(0)
     try:
-        relay = await relay_factory(admin={"mode": mode})
+        relay = await relay_factory(admin={"mode": mode}, database=None)   # the SQLite files too
         sink = await sink_factory()
         tenant = await provision(relay, upstreams=[sink_upstream(sink)])
         client = await smtp_client(relay, tenant)          # journal writes: the WAL grows

@@ -15,6 +15,7 @@ import re
 import pytest
 
 from conftest import simple_message, sink_upstream
+from helpers_records import sent_total
 from helpers_smtp import (
     SMUGGLED, ConnectionClosed, RawSMTP, authed, b64, dot_stuff, normalised, plain_blob,
     upstream_by_port, wait_for, without_trace)
@@ -252,7 +253,7 @@ async def test_too_many_recipients_452_453(relay_factory, sink_factory, provisio
         assert (await c.cmd(f"RCPT TO:<r{i}@example.net>")).code == 250
     r = await c.cmd("RCPT TO:<r3@example.net>")
     assert (r.code, r.enhanced) == (452, "4.5.3"), r
-    assert relay.ledger.reserved(tenant.user) == 3     # the refused one reserved nothing
+    assert relay.store.held(tenant.user) == 3     # the refused one reserved nothing
     assert (await c.cmd("DATA")).code == 354
     c.write(MSG + b".\r\n")
     assert (await c.reply()).code == 250
@@ -294,8 +295,8 @@ async def test_oversize_data_552_then_session_still_works(relay_factory, sink_fa
     r = await c.send_message(SENDER, ["to@example.net"], sized_message(size))
     assert (r.code, r.enhanced) == (552, "5.3.4"), r
     assert sink.messages == [] and sink.connections == 0
-    assert relay.ledger.reserved(tenant.user) == 0
-    assert relay.ledger.sent_total(tenant.user) == 0
+    assert relay.store.held(tenant.user) == 0
+    assert await sent_total(relay, tenant.user) == 0
     # The session goes on: a message of exactly the limit is accepted.
     exact = sized_message(5000)
     r = await c.send_message(SENDER, ["to@example.net"], exact)
@@ -347,7 +348,7 @@ async def test_permanent_refusal_554_without_failover(relay, sink_factory, provi
     # A 5xx is about the message, not the server: no error counted.
     u = await upstream_by_port(relay, tenant.idapp, refusing.port)
     assert u.numerrors == 0
-    assert relay.ledger.reserved(tenant.user) == 0 and relay.ledger.sent_total(tenant.user) == 0
+    assert relay.store.held(tenant.user) == 0 and await sent_total(relay, tenant.user) == 0
     await c.close()
 
 
@@ -405,7 +406,7 @@ async def test_upstream_removed_after_mail_gives_451_435_and_releases(relay, sin
     c.write(MSG + b".\r\n")
     r = await c.reply()
     assert (r.code, r.enhanced) == (451, "4.3.5"), r
-    assert relay.ledger.reserved(tenant.user) == 0 and relay.ledger.sent_total(tenant.user) == 0
+    assert relay.store.held(tenant.user) == 0 and await sent_total(relay, tenant.user) == 0
     await c.close()
 
 
@@ -440,7 +441,7 @@ async def test_disabling_a_user_takes_effect_on_the_next_rcpt(relay, sink_factor
     r = await c.reply()
     assert (r.code, r.enhanced) == (525, "5.7.13"), r
     assert sink.messages == []
-    assert relay.ledger.reserved(tenant.user) == 0 and relay.ledger.sent_total(tenant.user) == 0
+    assert relay.store.held(tenant.user) == 0 and await sent_total(relay, tenant.user) == 0
     # The next MAIL of the same session is refused too.
     r = await c.cmd(f"MAIL FROM:<{SENDER}>")
     assert (r.code, r.enhanced) == (525, "5.7.13"), r
@@ -495,7 +496,7 @@ async def test_control_characters_in_addresses_are_refused(relay, sink_factory, 
     assert (await c.cmd(f"MAIL FROM:<{SENDER}>")).code == 250
     r = await c.cmd(f"RCPT TO:<{address}>".encode())
     assert (r.code, r.enhanced) == (553, "5.1.3"), r
-    assert relay.ledger.reserved(tenant.user) == 0
+    assert relay.store.held(tenant.user) == 0
     await c.close()
 
 
@@ -541,7 +542,7 @@ async def test_bare_lf_data_command_never_opens_data(relay, sink_factory, provis
     await c.close()
     await wait_for(lambda: not relay.sessions)
     assert sink.messages == []
-    assert relay.ledger.reserved(tenant.user) == 0
+    assert relay.store.held(tenant.user) == 0
 
 
 async def test_nul_and_8bit_bytes_are_relayed_intact(relay, sink_factory, provision):

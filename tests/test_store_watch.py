@@ -40,7 +40,7 @@ async def assert_refusing(relay, tenant, caplog, reason: str) -> None:
 
 async def test_removed_database_refuses_mail(relay_factory, sink_factory, provision, caplog):
     sink = await sink_factory()
-    relay = await relay_factory()
+    relay = await relay_factory(database=None)      # about the SQLite file itself
     tenant = await provision(relay, upstreams=[sink_upstream(sink)])
     assert (await http_get(relay.metrics_port, "/healthz"))[0] == 200
     os.unlink(relay.store.path)
@@ -51,7 +51,7 @@ async def test_removed_database_refuses_mail(relay_factory, sink_factory, provis
 async def test_replaced_database_refuses_mail_until_restart(relay_factory, sink_factory,
                                                             provision, caplog, tmp_path):
     sink = await sink_factory()
-    relay = await relay_factory()
+    relay = await relay_factory(database=None)      # about the SQLite file itself
     tenant = await provision(relay, upstreams=[sink_upstream(sink)])
     other = tmp_path / "other.db"
     sqlite3.connect(other).close()
@@ -66,7 +66,7 @@ async def test_replaced_database_refuses_mail_until_restart(relay_factory, sink_
 async def test_unwritable_database_refuses_mail_and_recovers(relay_factory, sink_factory,
                                                              provision, caplog):
     sink = await sink_factory()
-    relay = await relay_factory()
+    relay = await relay_factory(database=None)      # about the SQLite file itself
     tenant = await provision(relay, upstreams=[sink_upstream(sink)])
     # SQLite refuses every write, as on a read-only file or file system.
     await relay.store.db.execute("PRAGMA query_only = ON")

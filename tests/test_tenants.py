@@ -14,8 +14,7 @@ import pytest
 from relayd import tenants
 from relayd.config import UpstreamSpec
 from relayd.errors import NotFound, RecordError
-from relayd.policy import Ledger
-from relayd.store import Store
+from relayd.store import RecordStore as Store
 from relayd.tenants import MASK, Tenants, check_upstream
 
 
@@ -27,18 +26,13 @@ class Forgotten(list[str]):
 
 
 @pytest.fixture
-def ledger() -> Ledger:
-    return Ledger()
-
-
-@pytest.fixture
 def forgotten() -> Forgotten:
     return Forgotten()
 
 
 @pytest.fixture
-def service(store: Store, ledger: Ledger, forgotten: Forgotten) -> Tenants:
-    return Tenants(store, ledger, forget_upstreams=forgotten)
+def service(store: Store, forgotten: Forgotten) -> Tenants:
+    return Tenants(store, forget_upstreams=forgotten)
 
 
 @contextlib.contextmanager
@@ -220,80 +214,85 @@ async def test_saving_the_mask_back_keeps_a_domains_password(service: Tenants, s
 
 # ---------------------------------------------------------------- removal cascades
 
-async def _used_user(store: Store, ledger: Ledger, owner_id: str, idapp: str, *,
+async def sent_total(store: Store, name: str) -> int:
+    return (await store.usage(name, time.time()))[0]
+
+
+async def _used_user(store: Store, owner_id: str, idapp: str, *,
                      reserved: bool = False) -> str:
     """An SMTP user with one message sent (and one more reserved)."""
     user, _ = await store.create_user(owner_id, idapp, 100, 100)
     now = time.time()
-    ledger.reserve(user, now)
-    ledger.commit(user.name, 1, now)
+    await store.reserve(user, f"sent-{user.name}", now)     # holds are named per transaction
+    await store.count(user.name, f"sent-{user.name}", now, 1)
     if reserved:
-        ledger.reserve(user, now)
-    assert ledger.sent_total(user.name) == 1
+        await store.reserve(user, f"pending-{user.name}", now)
+    assert await sent_total(store, user.name) == 1
     return user.name
 
 
 async def test_removing_an_app_takes_its_users_upstreams_usage_and_metrics(
-        service: Tenants, store: Store, ledger: Ledger, forgotten: Forgotten):
+        service: Tenants, store: Store, forgotten: Forgotten):
     owner, _, default = await store.create_owner("free")
     app = await service.create_app(owner.owner_id, "doomed", "random")
-    gone = await _used_user(store, ledger, owner.owner_id, app.idapp)
-    busy = await _used_user(store, ledger, owner.owner_id, app.idapp, reserved=True)
-    kept = await _used_user(store, ledger, owner.owner_id, default.idapp)
+    gone = await _used_user(store, owner.owner_id, app.idapp)
+    busy = await _used_user(store, owner.owner_id, app.idapp, reserved=True)
+    kept = await _used_user(store, owner.owner_id, default.idapp)
     up = await service.save_upstream(owner.owner_id, {**UPSTREAM, "idapp": app.idapp})
     other = await service.save_upstream(owner.owner_id, {**UPSTREAM, "idapp": default.idapp})
 
     await service.remove_app(app.idapp)
     assert store.get_user(gone) is None and store.get_user(busy) is None
     assert store.get_user(kept) is not None
-    assert ledger.sent_total(gone) == 0
+    assert await sent_total(store, gone) == 0
     # A session still holds a reservation: it releases it later, so the
-    # ledger keeps the entry until then.
-    assert ledger.reserved(busy) == 1
-    assert ledger.sent_total(kept) == 1
+    # store keeps its hold until then.
+    assert store.held(busy) == 1
+    assert await sent_total(store, kept) == 1
     assert forgotten == [up.idsmtp]
     assert [u.idsmtp for u in await store.list_upstreams(default.idapp)] == [other.idsmtp]
 
 
 async def test_removing_an_owner_takes_everything_of_it(service: Tenants, store: Store,
-                                                        ledger: Ledger, forgotten: Forgotten):
+                                                        forgotten: Forgotten):
     owner, _, default = await store.create_owner("paid")
     app = await service.create_app(owner.owner_id, "second", "priority")
-    users = [await _used_user(store, ledger, owner.owner_id, a.idapp) for a in (default, app)]
+    users = [await _used_user(store, owner.owner_id, a.idapp) for a in (default, app)]
     ups = [await service.save_upstream(owner.owner_id, {**UPSTREAM, "idapp": a.idapp})
            for a in (default, app)]
     await service.put_domain(owner.owner_id, "example.com", provider="smtp", description="",
                              from_=None, options={"host": "smtp.example.com"})
     bystander, _, theirs = await store.create_owner("free")
-    their_user = await _used_user(store, ledger, bystander.owner_id, theirs.idapp)
+    their_user = await _used_user(store, bystander.owner_id, theirs.idapp)
 
     await service.remove_owner(owner.owner_id)
     with pytest.raises(NotFound):
         await store.get_owner(owner.owner_id)
     assert await store.list_apps(owner.owner_id) == []
-    assert all(store.get_user(u) is None and ledger.sent_total(u) == 0 for u in users)
+    assert all(store.get_user(u) is None for u in users)
+    assert [await sent_total(store, u) for u in users] == [0, 0]
     assert sorted(forgotten) == sorted(u.idsmtp for u in ups)
     assert await store.get_domain(owner.owner_id, "example.com") is None
-    assert ledger.sent_total(their_user) == 1
+    assert await sent_total(store, their_user) == 1
     with pytest.raises(NotFound):
         await service.remove_owner(owner.owner_id)
     assert sorted(forgotten) == sorted(u.idsmtp for u in ups), "nothing more forgotten"
 
 
 async def test_removing_a_user_or_an_upstream_alone(service: Tenants, store: Store,
-                                                    ledger: Ledger, forgotten: Forgotten):
+                                                    forgotten: Forgotten):
     owner, _, app = await store.create_owner("free")
     other, _, _ = await store.create_owner("free")
-    name = await _used_user(store, ledger, owner.owner_id, app.idapp)
+    name = await _used_user(store, owner.owner_id, app.idapp)
     up = await service.save_upstream(owner.owner_id, {**UPSTREAM, "idapp": app.idapp})
 
     with pytest.raises(NotFound):
         await service.remove_user(name, other.owner_id)
     with pytest.raises(NotFound):
         await service.remove_upstream(up.idsmtp, other.owner_id)
-    assert ledger.sent_total(name) == 1 and forgotten == []
+    assert await sent_total(store, name) == 1 and forgotten == []
 
     await service.remove_user(name, owner.owner_id)
-    assert store.get_user(name) is None and ledger.sent_total(name) == 0
+    assert store.get_user(name) is None and await sent_total(store, name) == 0
     await service.remove_upstream(up.idsmtp, owner.owner_id)
     assert await store.list_upstreams(app.idapp) == [] and forgotten == [up.idsmtp]

@@ -18,11 +18,15 @@
   serves, relayd is not draining and the store watch sees no problem
   (storewatch.py), else 503).
 
+Both admin listeners also answer ``GET /openapi.json`` (``openapi.py``): the
+OpenAPI document of their routes, built from the same route tables.
+
 Every dialect maps its requests onto one ``Tenants`` (tenants.py), which
 holds the record rules and removal cascades, and its errors onto its own
-shape; the rest of the package is shared: ``fields.py`` (validation,
-authentication), ``views.py`` (records as JSON), ``request.py`` and
-``response.py``.
+shape; its routes are a table (``endpoints.py``: each route with the models
+it validates with and the model of its answer, ``answers.py``). The rest of
+the package is shared: ``fields.py`` (validation, authentication),
+``views.py`` (records as JSON), ``request.py`` and ``response.py``.
 
 After ``start`` the relay carries the bound addresses, for callers that bind
 port 0 (tests) and for ``GET /admin/status``:
@@ -46,7 +50,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from .. import metrics
 from ..config import parse_hostport
 from ..tenants import Tenants
-from . import domains, operator, smtp_users, upstreams
+from . import domains, openapi, operator, smtp_users, upstreams
 from .http import HttpServer, Route, Router
 from .request import Request
 from .response import PLAIN, Response, text_response
@@ -56,29 +60,35 @@ if TYPE_CHECKING:
 
 STALE_PROBE_TIMEOUT = 1.0     # seconds to see whether a process answers on an old socket
 
+# The route tables of each admin listener (and of its GET /openapi.json).
+TCP_FAMILIES = (smtp_users.FAMILY, upstreams.FAMILY, domains.FAMILY)
+UNIX_FAMILIES = (operator.FAMILY, *TCP_FAMILIES)
+
 
 # ---------------------------------------------------------------- start-up
 
 async def start(relay: Relay) -> list[asyncio.AbstractServer]:
     """Start the admin socket(s) and the metrics listener; return the servers."""
     cfg = relay.config
-    tenants = Tenants(relay.store, relay.ledger, forget_upstreams=metrics.forget_upstreams)
+    tenants = Tenants(relay.store, forget_upstreams=metrics.forget_upstreams)
     tenant_routes = [*smtp_users.routes(relay, tenants), *upstreams.routes(relay, tenants),
                      *domains.routes(relay, tenants)]
-    tenant_dialects = [smtp_users.DIALECT, upstreams.DIALECT, domains.DIALECT]
+    tenant_dialects = [f.dialect for f in TCP_FAMILIES]
     servers: list[asyncio.AbstractServer] = []
     relay.admin_socket = cfg.admin.socket
     relay.admin_tcp_port = None
     relay.metrics_port = None
     try:
         unix = HttpServer(
-            Router([*operator.routes(relay, tenants), *tenant_routes],
+            Router([*operator.routes(relay, tenants), *tenant_routes,
+                    openapi.route(UNIX_FAMILIES, operator.DIALECT)],
                    [*tenant_dialects, operator.DIALECT], operator.DIALECT),
             trusted=True, name="admin")
         await _start_unix(unix, Path(cfg.admin.socket), cfg.admin.mode_bits)
         servers.append(unix)
         if cfg.admin.listen:
-            tcp = HttpServer(Router(tenant_routes, tenant_dialects, operator.DIALECT),
+            tcp = HttpServer(Router([*tenant_routes, openapi.route(TCP_FAMILIES, operator.DIALECT)],
+                                    tenant_dialects, operator.DIALECT),
                              trusted=False, name="admin_tcp")
             await tcp.start_tcp(*parse_hostport(cfg.admin.listen))
             servers.append(tcp)

@@ -34,6 +34,8 @@ from pydantic import Field
 from ..errors import RecordError
 from ..records import DomainSettings
 from ..tenants import Tenants
+from .answers import DomainRecord, DomainRemoved, WebitelError
+from .endpoints import JSON, Doc, Endpoint, Family, bind
 from .fields import (DomainName, Email, FreeText, HeaderText, Hostname, Model, Port,
                      authenticate_headers, validate)
 from .http import Route
@@ -92,7 +94,8 @@ class Settings(Model):
     from_: Email | None = Field(None, alias="from")
     options: Options
     domain: DomainName | None = None      # read-back document: must match the query
-    id_: Any = Field(None, alias="_id")   # read-back document: ignored
+    id_: Any = Field(None, alias="_id",   # read-back document: ignored
+                     json_schema_extra={"readOnly": True})
 
 
 class DomainRef(Model):
@@ -155,8 +158,31 @@ class Webitel:
         return json_response({"status": "OK", "Info": f"Removed {removed} record."})
 
 
+def _endpoints(prefix: str) -> tuple[Endpoint, ...]:
+    also = (f"The path of seed 004's curl examples; the same as {PATH}." if prefix
+            else "")
+    return (
+        Endpoint("GET", prefix + PATH, Webitel.get, Doc(
+            "A domain's email settings", DomainRecord, query=DomainRef, description=also)),
+        Endpoint("POST", prefix + PATH, Webitel.post, Doc(
+            "Create a domain's email settings, or replace them", DomainRecord,
+            query=DomainRef, body=Settings, description=also)),
+        Endpoint("PUT", prefix + PATH, Webitel.put, Doc(
+            "Replace a domain's existing email settings", DomainRecord, query=DomainRef,
+            body=Settings, description=also)),
+        Endpoint("DELETE", prefix + PATH, Webitel.delete, Doc(
+            "Remove a domain's email settings", DomainRemoved, query=DomainRef,
+            description=also)),
+    )
+
+
+FAMILY = Family(
+    DIALECT, tag="Webitel",
+    description="Per-domain email settings (SPEC 4.3, seed 004); options.auth.pass is always "
+                "shown masked, and sending the mask back keeps the stored password.",
+    error=WebitelError, errors=(400, 401, 403, 404, 413, 415, 500),
+    media=(JSON,), auth_headers=True, endpoints=(*_endpoints(""), *_endpoints(ENGINE)))
+
+
 def routes(relay: Relay, tenants: Tenants) -> list[Route]:
-    api = Webitel(relay, tenants)
-    return [Route(method, prefix + PATH, handler, DIALECT) for prefix in ("", ENGINE)
-            for method, handler in (
-                ("GET", api.get), ("POST", api.post), ("PUT", api.put), ("DELETE", api.delete))]
+    return bind(Webitel(relay, tenants), FAMILY)

@@ -23,8 +23,10 @@ import typing
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar, Union
 
 from pydantic import (AfterValidator, AliasChoices, BaseModel, BeforeValidator, ConfigDict,
-                      Field, ValidationError, model_validator)
+                      Field, GetJsonSchemaHandler, ValidationError, model_validator)
 from pydantic.fields import FieldInfo
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from ..errors import NotFound
 from ..records import Owner
@@ -85,10 +87,26 @@ def _email(value: str) -> str:
     return value
 
 
+class _Documented:
+    """Says in the JSON schema (openapi.py) what a validator function above
+    checks, so that the document refuses what validation refuses: its
+    keywords are added to the type's generated schema."""
+
+    def __init__(self, **keywords: Any):
+        self.keywords = keywords
+
+    def __get_pydantic_json_schema__(self, core: CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return {**handler(core), **self.keywords}
+
+
+_NO_CTL = _Documented(pattern=r"^[^\r\n\x00]*$")
+
 # Text that may reach a header or an SMTP command (RFC 5322 2.1.1 line limit).
-HeaderText = Annotated[str, Field(max_length=998), AfterValidator(_no_ctl)]
-FreeText = Annotated[str, Field(max_length=4096), AfterValidator(_no_nul)]
-Id = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_no_ctl)]
+HeaderText = Annotated[str, Field(max_length=998), AfterValidator(_no_ctl), _NO_CTL]
+FreeText = Annotated[str, Field(max_length=4096), AfterValidator(_no_nul),
+                     _Documented(pattern=r"^[^\x00]*$")]
+Id = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_no_ctl), _NO_CTL]
 _DIGITS = re.compile(r"[0-9]{1,30}")
 
 
@@ -101,19 +119,78 @@ def _digit_string(value: Any) -> Any:
     return value
 
 
+class _OrDigits:
+    """The JSON schema of an integer field that also takes a digit string:
+    the integer's schema, or a string whose pattern matches exactly the
+    numerals of the integer's range (JSON Schema bounds no string's value)."""
+
+    def __get_pydantic_json_schema__(self, core: CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = handler(core)
+        lo = schema.get("minimum", schema.get("exclusiveMinimum", -1) + 1)
+        hi = schema.get("maximum", schema.get("exclusiveMaximum", 0) - 1)
+        return {"anyOf": [schema, {
+            "type": "string", "maxLength": 30, "pattern": f"^0*(?:{_numerals(lo, hi)})$",
+            "description": "the same integer as a string of decimal digits"}]}
+
+
+def _numerals(lo: int, hi: int) -> str:
+    """A regex alternation matching the numerals of lo..hi (0 <= lo <= hi),
+    without leading zeros."""
+    parts: list[str] = []
+    whole: list[int] = []         # widths (less one) whose every numeral is in range
+    for width in range(len(str(lo)), len(str(hi)) + 1):
+        first, last = max(lo, 10 ** (width - 1) if width > 1 else 0), min(hi, 10 ** width - 1)
+        if width > 1 and (first, last) == (10 ** (width - 1), 10 ** width - 1):
+            whole.append(width - 1)
+        else:
+            parts += _same_width(str(first), str(last))
+    if whole:
+        parts.append(f"[1-9][0-9]{{{whole[0]},{whole[-1]}}}")
+    return "|".join(parts)
+
+
+def _same_width(a: str, b: str) -> list[str]:
+    """Patterns for the numerals a..b, both of the same width."""
+    if a == b:
+        return [a]
+    if len(a) == 1:
+        return [f"[{a}-{b}]"]
+    if a[0] == b[0]:
+        return [a[0] + p for p in _same_width(a[1:], b[1:])]
+    n = len(a) - 1
+    from_zero, to_nines = a[1:] == "0" * n, b[1:] == "9" * n
+    out = [] if from_zero else [a[0] + p for p in _same_width(a[1:], "9" * n)]
+    first, last = int(a[0]) + (not from_zero), int(b[0]) - (not to_nines)
+    if first <= last:
+        out.append(f"[{first}-{last}][0-9]{{{n}}}" if first < last else f"{first}[0-9]{{{n}}}")
+    if not to_nines:
+        out += [b[0] + p for p in _same_width("0" * n, b[1:])]
+    return out
+
+
 _Digits = BeforeValidator(_digit_string)
 # Shared by the seed dialects only: the operator API has no integer field.
-PositiveInt = Annotated[int, Field(gt=0, lt=2**63), _Digits]
-NonNegativeInt = Annotated[int, Field(ge=0, lt=2**63), _Digits]
-Port = Annotated[int, Field(ge=1, le=65535), _Digits]
-Email = Annotated[str, AfterValidator(_email)]
-Hostname = Annotated[str, AfterValidator(_host)]
-DomainName = Annotated[str, AfterValidator(_domain)]
+PositiveInt = Annotated[int, Field(gt=0, lt=2**63), _Digits, _OrDigits()]
+NonNegativeInt = Annotated[int, Field(ge=0, lt=2**63), _Digits, _OrDigits()]
+Port = Annotated[int, Field(ge=1, le=65535), _Digits, _OrDigits()]
+Email = Annotated[str, AfterValidator(_email), _Documented(format="email")]
+Hostname = Annotated[str, AfterValidator(_host), _Documented(
+    maxLength=253, anyOf=[{"format": "hostname"}, {"format": "ipv4"}, {"format": "ipv6"}])]
+DomainName = Annotated[str, AfterValidator(_domain),
+                       _Documented(format="hostname")]
 
 
 def spellings(*names: str) -> Any:
-    """A field accepted under several names (the seeds' spellings)."""
-    return Field(None, validation_alias=AliasChoices(*names))
+    """A field accepted under several names (the seeds' spellings); the
+    document names the first and mentions the others."""
+    return Field(None, validation_alias=AliasChoices(*names),
+                 description=f"also spelled {', '.join(names[1:])}")
+
+
+def ignored() -> Any:
+    """A read-only key of a record sent back whole: accepted, ignored."""
+    return Field(None, json_schema_extra={"readOnly": True})
 
 
 # ---------------------------------------------------------------- models
@@ -143,6 +220,37 @@ class Model(BaseModel):
             if given and data[given[0]] is None and name not in cls.nullable:
                 raise ValueError(f"{given[0]}: must not be null")
         return data
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core: CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """The schema as validation has it: a field outside ``nullable``
+        may be left out but not given as null."""
+        schema = handler(core)
+        properties = handler.resolve_ref_schema(schema).get("properties", {})
+        for name, info in cls.model_fields.items():
+            prop = properties.get(_field_spellings(name, info)[0])
+            if prop is not None and name not in cls.nullable:
+                _refuse_null(prop)
+        return schema
+
+
+_NULL = {"type": "null"}
+
+
+def _refuse_null(prop: dict[str, Any]) -> None:
+    if prop.get("default", ...) is None:
+        del prop["default"]
+    branches = prop.pop("anyOf", None)
+    if branches is None:
+        if prop.get("readOnly"):          # ignored(): any value but null
+            prop["not"] = _NULL
+        return
+    rest = [b for b in branches if b != _NULL]
+    if len(rest) == 1:
+        prop.update(rest[0])
+    else:
+        prop["anyOf"] = rest
 
 
 def _field_spellings(name: str, info: FieldInfo) -> list[str]:

@@ -41,16 +41,22 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field
 
 from .. import __version__, metrics
-from ..errors import RecordError
+from ..errors import RecordError, StoreError
 from ..maillog import event
 from ..records import App, Owner
 from ..routing import FailoverRules
 from ..tenants import Tenants
 from ..timefmt import iso_z
-from .fields import Email, HeaderText, Id, Model, validate
+from .answers import (AppRecord, AppRemoved, DomainRecord, LockoutCleared, LockoutRow,
+                      OperatorError, OwnerCreated, OwnerRecord, OwnerRemoved, SmtpLookup, Status,
+                      UserLookup)
+from .endpoints import JSON, Doc, Endpoint, Family, bind
+from .fields import Email, HeaderText, Id, M, Model, validate
 from .http import Route
 from .request import Request
 from .response import ApiError, Dialect, Response, json_response
@@ -113,6 +119,45 @@ class OwnerRef(Model):
     owner_id: Id
 
 
+# Path parameters: the router hands over any non-empty segment; a record
+# that does not exist is a 404 (an id of the wrong shape cannot exist).
+PathText = Annotated[str, Field(min_length=1)]
+
+
+class OwnerPath(Model):
+    owner_id: PathText
+
+
+class AppPath(Model):
+    idapp: PathText
+
+
+class UserPath(Model):
+    smtp_user_name: PathText
+
+
+class SmtpPath(Model):
+    idsmtp: PathText
+
+
+def _ip(value: str) -> str:
+    try:
+        # The form sessions record (str of the parsed address), so that
+        # 2001:DB8::0001 finds 2001:db8::1.
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError("not an IPv4 or IPv6 address") from None
+
+
+class LockoutPath(Model):
+    ip: Annotated[str, AfterValidator(_ip),
+                  Field(json_schema_extra={"anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]})]
+
+
+def _path(req: Request, model: type[M]) -> M:
+    return validate(model, req.path_params)
+
+
 def app_json(a: App) -> dict[str, Any]:
     return {"idapp": a.idapp, "owner_id": a.owner_id, "name": a.name, "strategy": a.strategy,
             "test_email": a.test_email, "created": iso_z(a.created)}
@@ -163,7 +208,15 @@ class Operator:
             "system_smtps": [shown(h) for h in system],
             "domain_routes": [shown(h)
                               for h in relay.store.view.domain_route_health(now, rules)],
+            "instances": await self._instances(),
         })
+
+    async def _instances(self) -> list[dict[str, Any]]:
+        """The cluster's live members (SPEC 8.5); none known while the store is down."""
+        try:
+            return await self.relay.store.instances()
+        except StoreError:
+            return []
 
     # ------------------------------------------------------------ owners
 
@@ -185,17 +238,17 @@ class Operator:
                               "idapp": app.idapp}, 201)
 
     async def get_owner(self, req: Request) -> Response:
-        owner = await self.relay.store.get_owner(req.path_params["owner_id"])
+        owner = await self.relay.store.get_owner(_path(req, OwnerPath).owner_id)
         return json_response(await self._owner_json(owner))
 
     async def set_plan(self, req: Request) -> Response:
-        owner = await self.relay.store.get_owner(req.path_params["owner_id"])
+        owner = await self.relay.store.get_owner(_path(req, OwnerPath).owner_id)
         p = validate(PlanChange, req.params())
         updated = await self.tenants.set_plan(owner.owner_id, p.plan)
         return json_response(await self._owner_json(updated))
 
     async def remove_owner(self, req: Request) -> Response:
-        owner = await self.relay.store.get_owner(req.path_params["owner_id"])
+        owner = await self.relay.store.get_owner(_path(req, OwnerPath).owner_id)
         await self.tenants.remove_owner(owner.owner_id)
         return json_response({"owner_id": owner.owner_id, "removed": True})
 
@@ -213,23 +266,23 @@ class Operator:
         return json_response(app_json(app), 201)
 
     async def get_app(self, req: Request) -> Response:
-        return json_response(app_json(await self.relay.store.get_app(req.path_params["idapp"])))
+        return json_response(app_json(await self.relay.store.get_app(_path(req, AppPath).idapp)))
 
     async def edit_app(self, req: Request) -> Response:
-        app = await self.relay.store.get_app(req.path_params["idapp"])
+        app = await self.relay.store.get_app(_path(req, AppPath).idapp)
         p = validate(AppChange, req.params())
         updated = await self.tenants.edit_app(app, name=p.name, strategy=p.strategy,
                                               test_email=p.test_email)
         return json_response(app_json(updated))
 
     async def remove_app(self, req: Request) -> Response:
-        app = await self.tenants.remove_app(req.path_params["idapp"])
+        app = await self.tenants.remove_app(_path(req, AppPath).idapp)
         return json_response({"idapp": app.idapp, "removed": True})
 
     # ------------------------------------------------------------ lookups
 
     async def get_user(self, req: Request) -> Response:
-        user = self.relay.store.get_user(req.path_params["smtp_user_name"])
+        user = self.relay.store.get_user(_path(req, UserPath).smtp_user_name)
         if user is None:
             raise ApiError(404, "smtp user not found")
         return json_response({"smtp_user_name": user.name, "owner_id": user.owner_id,
@@ -240,7 +293,7 @@ class Operator:
 
     async def get_smtp(self, req: Request) -> Response:
         store = self.relay.store
-        u = await store.get_upstream(req.path_params["idsmtp"])
+        u = await store.get_upstream(_path(req, SmtpPath).idsmtp)
         app = await store.get_app(u.idapp or "")
         return json_response({**upstream_json(u), "owner_id": app.owner_id,
                               "created": iso_z(u.created), "modified": iso_z(u.modified)})
@@ -264,13 +317,7 @@ class Operator:
             for lo in self.relay.throttle.lockouts(mono)])
 
     async def clear_lockout(self, req: Request) -> Response:
-        raw = req.path_params["ip"]
-        try:
-            # The form sessions record (str of the parsed address), so that
-            # 2001:DB8::0001 finds 2001:db8::1.
-            ip = str(ipaddress.ip_address(raw))
-        except ValueError:
-            raise ApiError(400, "ip: not an IPv4 or IPv6 address") from None
+        ip = _path(req, LockoutPath).ip
         if not self.relay.throttle.clear(ip, time.monotonic()):
             raise ApiError(404, f"{ip} is not locked out")
         metrics.LOCKOUTS_CLEARED.inc()
@@ -278,24 +325,57 @@ class Operator:
         return json_response({"ip": ip, "cleared": True})
 
 
+_OWNER = "an unknown owner is a 404"
+FAMILY = Family(
+    DIALECT, tag="Operator",
+    description="Owners, apps, lookups, lockouts and status (SPEC 4.4, 4.6). On the Unix "
+                "socket only: the TCP listener answers 404 under /admin/. No credentials: "
+                "whoever can open the socket is the operator. Times are ISO 8601 UTC ending "
+                "in Z. A 409 is a refused rule (code 3: priority needs the paid plan).",
+    error=OperatorError, errors=(400, 413, 415, 500), media=(JSON,), endpoints=(
+        Endpoint("GET", "/admin/status", Operator.status, Doc(
+            "Listeners with their ports, upstream health, config_generation", Status)),
+        Endpoint("GET", "/admin/owners", Operator.list_owners, Doc(
+            "List owners (never their tokens)", list[OwnerRecord])),
+        Endpoint("POST", "/admin/owners", Operator.create_owner, Doc(
+            "Create an owner with a default app; its token is shown here only",
+            OwnerCreated, 201, body=NewOwner)),
+        Endpoint("GET", "/admin/owners/{owner_id}", Operator.get_owner, Doc(
+            "One owner", OwnerRecord, path=OwnerPath, errors=(404,))),
+        Endpoint("PATCH", "/admin/owners/{owner_id}", Operator.set_plan, Doc(
+            "Set an owner's plan", OwnerRecord, path=OwnerPath, body=PlanChange,
+            errors=(404, 409))),
+        Endpoint("DELETE", "/admin/owners/{owner_id}", Operator.remove_owner, Doc(
+            "Remove an owner with all its records", OwnerRemoved, path=OwnerPath,
+            errors=(404,))),
+        Endpoint("GET", "/admin/apps", Operator.list_apps, Doc(
+            "List apps, of one owner with owner_id", list[AppRecord], query=OwnerFilter,
+            errors=(404,), description=_OWNER)),
+        Endpoint("POST", "/admin/apps", Operator.create_app, Doc(
+            "Create an app", AppRecord, 201, body=NewApp, errors=(404, 409),
+            description=_OWNER)),
+        Endpoint("GET", "/admin/apps/{idapp}", Operator.get_app, Doc(
+            "One app", AppRecord, path=AppPath, errors=(404,))),
+        Endpoint("PATCH", "/admin/apps/{idapp}", Operator.edit_app, Doc(
+            "Change an app's name, strategy or test_email", AppRecord, path=AppPath,
+            body=AppChange, errors=(404, 409))),
+        Endpoint("DELETE", "/admin/apps/{idapp}", Operator.remove_app, Doc(
+            "Remove an app (not an owner's last)", AppRemoved, path=AppPath,
+            errors=(404, 409))),
+        Endpoint("GET", "/admin/users/{smtp_user_name}", Operator.get_user, Doc(
+            "Find an SMTP user and its owner", UserLookup, path=UserPath, errors=(404,))),
+        Endpoint("GET", "/admin/smtps/{idsmtp}", Operator.get_smtp, Doc(
+            "Find an upstream SMTP and its owner", SmtpLookup, path=SmtpPath, errors=(404,))),
+        Endpoint("GET", "/admin/domains", Operator.list_domains, Doc(
+            "List an owner's domain settings", list[DomainRecord], query=OwnerRef,
+            errors=(404,), description=_OWNER)),
+        Endpoint("GET", "/admin/lockouts", Operator.list_lockouts, Doc(
+            "The client addresses locked out after failed AUTHs", list[LockoutRow])),
+        Endpoint("DELETE", "/admin/lockouts/{ip}", Operator.clear_lockout, Doc(
+            "Lift one lockout", LockoutCleared, path=LockoutPath, errors=(404,),
+            description="404 when the address was not locked out.")),
+    ))
+
+
 def routes(relay: Relay, tenants: Tenants) -> list[Route]:
-    api = Operator(relay, tenants)
-    table = (
-        ("GET", "/admin/status", api.status),
-        ("GET", "/admin/owners", api.list_owners),
-        ("POST", "/admin/owners", api.create_owner),
-        ("GET", "/admin/owners/{owner_id}", api.get_owner),
-        ("PATCH", "/admin/owners/{owner_id}", api.set_plan),
-        ("DELETE", "/admin/owners/{owner_id}", api.remove_owner),
-        ("GET", "/admin/apps", api.list_apps),
-        ("POST", "/admin/apps", api.create_app),
-        ("GET", "/admin/apps/{idapp}", api.get_app),
-        ("PATCH", "/admin/apps/{idapp}", api.edit_app),
-        ("DELETE", "/admin/apps/{idapp}", api.remove_app),
-        ("GET", "/admin/users/{smtp_user_name}", api.get_user),
-        ("GET", "/admin/smtps/{idsmtp}", api.get_smtp),
-        ("GET", "/admin/domains", api.list_domains),
-        ("GET", "/admin/lockouts", api.list_lockouts),
-        ("DELETE", "/admin/lockouts/{ip}", api.clear_lockout),
-    )
-    return [Route(method, pattern, handler, DIALECT) for method, pattern, handler in table]
+    return bind(Operator(relay, tenants), FAMILY)

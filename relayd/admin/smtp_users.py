@@ -24,12 +24,16 @@ app, including another owner's), 405/413/415 (``ValidationError``) and 500
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import Field
 
 from ..errors import NotFound
 from ..records import Owner
 from ..tenants import Tenants
-from .fields import Id, Model, PositiveInt, authenticate, validate
+from .answers import PasswordReset, SendCleanError, SmtpList, UserChanged, UserCreated
+from .endpoints import FORM, JSON, Doc, Endpoint, Family, bind
+from .fields import MAX_CREDENTIAL, Id, Model, PositiveInt, authenticate, validate
 from .http import Route
 from .request import Request
 from .response import ApiError, Dialect, Response, json_response
@@ -84,6 +88,19 @@ class ListSmtp(Model):
     idapp: Id | None = None
 
 
+Credential = Annotated[str, Field(min_length=1, max_length=MAX_CREDENTIAL)]
+
+
+class Credentials(Model):
+    """The owner's credentials, given with every request's parameters (the
+    document adds them to each body model). ``authenticate`` checks them
+    before the rest is validated, so that a request without them is a 401
+    whatever else is wrong with it."""
+
+    owner_id: Credential
+    token: Credential
+
+
 class SendClean:
     def __init__(self, relay: Relay, tenants: Tenants):
         self.relay = relay
@@ -126,22 +143,47 @@ class SendClean:
 
     async def list(self, req: Request) -> Response:
         owner, p = await self._request(req, ListSmtp)
-        store, ledger = self.relay.store, self.relay.ledger
+        store = self.relay.store
         if p.idapp is not None:
             await store.get_app(p.idapp, owner.owner_id)
         now = time.time()
         users = [u for u in await store.list_users(owner.owner_id)
                  if p.idapp is None or u.idapp == p.idapp]
-        return json_response({"status": "success", "smtp_list": [
-            {"smtp_user_name": u.name, "status": u.status, "total_limit": u.total_limit,
-             "hourly_limit": u.hourly_limit, "idapp": u.idapp,
-             "sent_total": ledger.sent_total(u.name),
-             "sent_last_hour": ledger.sent_last_hour(u.name, now)}
-            for u in users]})
+        listed = []
+        for u in users:
+            sent_total, sent_last_hour = await store.usage(u.name, now)
+            listed.append({"smtp_user_name": u.name, "status": u.status,
+                           "total_limit": u.total_limit, "hourly_limit": u.hourly_limit,
+                           "idapp": u.idapp, "sent_total": sent_total,
+                           "sent_last_hour": sent_last_hour})
+        return json_response({"status": "success", "smtp_list": listed})
+
+
+_USER_NAME = "smtp_user_name: another owner's or an unknown one is a 404"
+
+FAMILY = Family(
+    DIALECT, tag="SendClean",
+    description="SMTP users (SPEC 4.1, seeds 001-003). POST; the parameters, owner_id and "
+                "token among them, in a JSON or form-encoded body (or the query string).",
+    error=SendCleanError, errors=(400, 401, 404, 413, 415, 500),
+    media=(JSON, FORM), credentials=Credentials, endpoints=(
+        Endpoint("POST", "/settings/addSmtp", SendClean.add, Doc(
+            "Create an SMTP user; its password is shown here only", UserCreated,
+            body=AddSmtp, description="idapp defaults to the owner's default app.")),
+        Endpoint("POST", "/settings/editSmtp", SendClean.edit, Doc(
+            "Change an SMTP user's limits, status or app", UserChanged, body=EditSmtp,
+            description=_USER_NAME)),
+        Endpoint("POST", "/settings/resetSmtpPassword", SendClean.reset_password, Doc(
+            "Give an SMTP user a new password; the old one stops working at once",
+            PasswordReset, body=UserRef, description=_USER_NAME)),
+        Endpoint("POST", "/settings/listSmtp", SendClean.list, Doc(
+            "List the owner's SMTP users (of one app with idapp), without passwords",
+            SmtpList, body=ListSmtp)),
+        Endpoint("POST", "/settings/deleteSmtp", SendClean.delete, Doc(
+            "Remove an SMTP user (a relayd extension)", UserChanged, body=UserRef,
+            description=_USER_NAME)),
+    ))
 
 
 def routes(relay: Relay, tenants: Tenants) -> list[Route]:
-    api = SendClean(relay, tenants)
-    return [Route("POST", f"/settings/{name}", handler, DIALECT) for name, handler in (
-        ("addSmtp", api.add), ("editSmtp", api.edit), ("resetSmtpPassword", api.reset_password),
-        ("listSmtp", api.list), ("deleteSmtp", api.delete))]
+    return bind(SendClean(relay, tenants), FAMILY)

@@ -39,6 +39,8 @@ import email.utils
 import logging
 from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import ConfigDict, Field
+
 from .. import tenants as rules
 from ..errors import NotFound, RecordError, UpstreamError
 from ..maillog import event
@@ -46,8 +48,10 @@ from ..policy import format_from
 from ..records import Upstream
 from ..tenants import Tenants
 from ..upstream import send_once
+from .answers import SmtpsError, UpstreamRecord
+from .endpoints import FORM, JSON, Doc, Endpoint, Family, bind
 from .fields import (DomainName, Email, HeaderText, Hostname, Id, Model, NonNegativeInt, Port,
-                     authenticate_headers, spellings, validate)
+                     authenticate_headers, ignored, spellings, validate)
 from .http import Route
 from .request import Request
 from .response import ApiError, Dialect, Response, empty_response, json_response
@@ -112,6 +116,9 @@ DIALECT = Dialect("smtps", ("/private/smtps",), _render, _not_found, _refused)
 
 
 class SmtpFields(Model):
+    # Without idsmtp a new upstream, which needs these (tenants.py).
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["idsmtp"]}, {"required": list(rules.NEW_UPSTREAM_NEEDS)}]})
     nullable = frozenset({"username", "password", "defaultfromemail", "defaultfromname",
                           "allowed_domains"})
 
@@ -132,17 +139,21 @@ class SmtpFields(Model):
     allowed_domains: list[DomainName] | None = None
     status: Literal["A", "D"] | None = None
     # Read-only keys of a record sent back whole: accepted, ignored.
-    numerrors: Any = None
-    created: Any = None
-    modified: Any = None
+    numerrors: Any = ignored()
+    created: Any = ignored()
+    modified: Any = ignored()
 
 
 READ_ONLY = {"idsmtp", "numerrors", "created", "modified"}
 
 
 class SmtpRef(Model):
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["idsmtp"]},
+                                                           {"required": ["idapp"]}]})
+
     idsmtp: Id | None = None
-    idapp: Id | None = None       # seed 000's remove/check table calls the SMTP id "idapp"
+    idapp: Id | None = Field(None, description="the SMTP id, as seed 000's remove and check "
+                                               "tables call it")
 
     @property
     def smtp_id(self) -> str:
@@ -233,10 +244,28 @@ class Smtps:
         return empty_response()
 
 
+FAMILY = Family(
+    DIALECT, tag="SMTPs",
+    description="Upstream SMTP servers per app (SPEC 4.2, seed 000). Parameters in the query "
+                "string and/or a JSON or form-encoded body. A 406 carries the seed's specific "
+                "error as code: 1 SMTP not found, 2 App not found, 3 priority needs the paid "
+                "plan, 4 the app has no test_email, 5 the check failed.",
+    error=SmtpsError, errors=(400, 401, 403, 406, 413, 415, 500),
+    media=(JSON, FORM), auth_headers=True, endpoints=(
+        Endpoint("POST", "/private/smtps/save", Smtps.save, Doc(
+            "Create an upstream SMTP, or with idsmtp change the fields given", UpstreamRecord,
+            body=SmtpFields, description="password \"********\" keeps the stored one.")),
+        Endpoint("GET", "/private/smtps/findByApp", Smtps.find_by_app, Doc(
+            "List an app's upstream SMTPs", list[UpstreamRecord], query=AppRef)),
+        Endpoint("GET", "/private/smtps/findById", Smtps.find_by_id, Doc(
+            "One upstream SMTP", UpstreamRecord, query=SmtpRef)),
+        Endpoint("POST", "/private/smtps/remove", Smtps.remove, Doc(
+            "Remove an upstream SMTP; an empty 200", body=SmtpRef)),
+        Endpoint("POST", "/private/smtps/check", Smtps.check, Doc(
+            "Send a test message to the app's test_email through this upstream alone; "
+            "an empty 200 when it was accepted", body=SmtpRef)),
+    ))
+
+
 def routes(relay: Relay, tenants: Tenants) -> list[Route]:
-    api = Smtps(relay, tenants)
-    return [Route(method, f"/private/smtps/{name}", handler, DIALECT)
-            for method, name, handler in (
-                ("POST", "save", api.save), ("GET", "findByApp", api.find_by_app),
-                ("GET", "findById", api.find_by_id), ("POST", "remove", api.remove),
-                ("POST", "check", api.check))]
+    return bind(Smtps(relay, tenants), FAMILY)

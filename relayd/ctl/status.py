@@ -1,5 +1,5 @@
-"""``relayctl status``: listeners, upstream health and config generation,
-from the operator route /admin/status."""
+"""``relayctl status``: listeners, upstream health, config generation and
+the cluster's live instances, from the operator route /admin/status."""
 
 from __future__ import annotations
 
@@ -24,8 +24,12 @@ def status(api: Api, a: argparse.Namespace) -> Out:
             for u in d["upstreams"] + d["system_smtps"] + d.get("domain_routes", [])]
     upstreams = table(rows, ("idsmtp", "host", "port", "state", "numerrors", "last_error_at",
                              "last_error"))
-    return Out(d, f"{head}\n\nlisteners:\n{listeners}\n\nupstreams:\n{upstreams}")
+    # The cluster (SPEC 8.5): every live relayd on the same database.
+    instances = table(d.get("instances", []), ("id", "hostname", "pid", "started", "last_seen"))
+    return Out(d, f"{head}\n\nlisteners:\n{listeners}\n\nupstreams:\n{upstreams}"
+                  f"\n\ninstances:\n{instances}")
 
 
 def register(groups: Any) -> None:
-    add_command(groups, "status", status, "listeners, upstream health, config generation")
+    add_command(groups, "status", status,
+                "listeners, upstream health, config generation, cluster instances")
