@@ -172,7 +172,9 @@ async def test_two_instances_behind_haproxy(cluster: Cluster, ports, haproxy: HA
 async def test_an_instance_killed_under_load_is_taken_out_and_rejoins(
         cluster: Cluster, ports, haproxy: HAProxy, pg_dsn: str, sink_factory, tls_files):
     sink = await sink_factory()
-    tenant = await tenant_in(pg_dsn, upstreams=[sink_upstream(sink)])
+    # Limits far above what the load sends (it reached the default 1000 in
+    # ~10 s), so that every refusal is the kill's and none is the quota's.
+    tenant = await tenant_in(pg_dsn, total=10**6, hourly=10**6, upstreams=[sink_upstream(sink)])
     first, second = await relayds(cluster, ports, tls_files)
     await all_up(haproxy)
     accepted: list[str] = []
