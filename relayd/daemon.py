@@ -85,6 +85,15 @@ class Relay:
     # ------------------------------------------------------------ start/stop
 
     async def start(self) -> None:
+        """Open the store, then every listener. On a failure what was opened
+        is closed again: the store's thread would keep the process alive."""
+        try:
+            await self._open()
+        except BaseException:
+            await self._shut()
+            raise
+
+    async def _open(self) -> None:
         from .smtp import RelaySMTP
         from . import admin
 
@@ -154,6 +163,11 @@ class Relay:
         await self.close()
 
     async def close(self) -> None:
+        await self._shut()
+        self.stopped.set()
+        event(log, logging.INFO, "stopped")
+
+    async def _shut(self) -> None:
         if metrics.UPSTREAM_ERRORS.source == self._error_counts:
             metrics.UPSTREAM_ERRORS.source = None
         for t in self._tasks:
@@ -166,8 +180,6 @@ class Relay:
             await asyncio.wait(list(self.inflight), timeout=5)
         await self.pool.close()
         await self.store.close()
-        self.stopped.set()
-        event(log, logging.INFO, "stopped")
 
     @property
     def errors(self) -> routing.ErrorBook:
@@ -221,7 +233,6 @@ async def run(config: Config, source: Source) -> int:
         await relay.start()
     except (OSError, StoreError) as exc:
         event(log, logging.ERROR, "start_failed", error=str(exc))
-        await relay.store.close()
         return 1
     loop = asyncio.get_running_loop()
     signals_seen = 0

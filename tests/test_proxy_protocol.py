@@ -13,6 +13,7 @@ import logging
 import socket
 import ssl
 import struct
+import threading
 from typing import Any
 
 import pytest
@@ -222,7 +223,10 @@ async def test_reuse_port_lets_two_relays_share_one_address(relay_factory, tmp_p
     second = await relay_factory(listen=listen, state_dir=str(tmp_path / "second"),
                                  admin={"socket": str(tmp_path / "second.sock")})
     assert first.smtp_ports == second.smtp_ports == [port]
+    threads = threading.active_count()
     with pytest.raises(OSError):                  # without it the address is taken
         await relay_factory(listen=[{**listen[0], "reuse_port": False}],
                             state_dir=str(tmp_path / "third"),
                             admin={"socket": str(tmp_path / "third.sock")})
+    # The refused start closed its store again: no connection thread is left.
+    await wait_for(lambda: threading.active_count() == threads, timeout=5)

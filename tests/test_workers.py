@@ -30,6 +30,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_run(n: int, besides: int) -> int:
+    """A port P such that P+1 .. P+n are free now: instance N listens on P+N."""
+    while True:
+        base = free_port()
+        wanted = range(base + 1, base + n + 1)
+        if wanted.stop > 65536 or besides in wanted:
+            continue
+        try:
+            for port in wanted:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+
+
 def instance_config(tmp_path: Path, dsn: str, smtp: int, metrics: int) -> dict[str, Any]:
     return base_config(
         tmp_path, database=dsn, metrics={"listen": f"127.0.0.1:{metrics}"},
@@ -41,9 +57,8 @@ async def test_instances_share_the_port_and_sum_in_metrics(tmp_path: Path, pg_ds
                                                            sink_factory: Any):
     sink = await sink_factory()
     tenant = await tenant_in(pg_dsn, upstreams=[sink_upstream(sink)])
-    smtp, base = free_port(), free_port()
-    while base + 2 > 65535 or base + 2 == smtp:
-        base = free_port()
+    smtp = free_port()
+    base = free_run(2, besides=smtp)
     cfg = instance_config(tmp_path, pg_dsn, smtp, base)
     procs = [await RelaydProcess.start(cfg, tmp_path / "relayd.yaml", {"RELAYD_INSTANCE": str(n)})
              for n in (1, 2)]

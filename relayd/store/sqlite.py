@@ -64,14 +64,23 @@ class SqliteStore(SqlStore):
         files.create_private_file(self.path)
         # SQLite gives -wal/-shm the database file's mode (0600).
         self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            await self._prepare()
+        except BaseException:
+            # A refused file (newer schema, not a database) must not leave the
+            # connection's thread behind: it would keep the process alive.
+            await self.close()
+            raise
+
+    async def _prepare(self) -> None:
         self._identity = files.identity(self.path)
-        self._db.row_factory = sqlite3.Row
-        await self._db.execute("PRAGMA journal_mode=WAL")
+        self.db.row_factory = sqlite3.Row
+        await self.db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: durable across process crashes (kill -9); a power
         # loss may drop the last transactions, never corrupt the file.
-        await self._db.execute("PRAGMA synchronous=NORMAL")
-        await self._db.execute("PRAGMA foreign_keys=ON")
-        await self._db.execute("PRAGMA busy_timeout=5000")
+        await self.db.execute("PRAGMA synchronous=NORMAL")
+        await self.db.execute("PRAGMA foreign_keys=ON")
+        await self.db.execute("PRAGMA busy_timeout=5000")
         await migrate(self.db, self.path)
         await self._load_users()
         await self._load_routing()
