@@ -29,7 +29,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -39,6 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, NoReturn
+
+from helpers_ports import free_port
 
 DEBIAN_BINDIRS = "/usr/lib/postgresql/*/bin"
 TMP_ROOT = "/tmp"              # world-traversable, so nobody reaches the data dir
@@ -94,13 +95,6 @@ def find_bindir() -> Path:
     raise PgUnavailable(f"PostgreSQL server binaries not found: no {DEBIAN_BINDIRS}/initdb, "
                         "and pg_config --bindir names none; install Debian's postgresql "
                         "package (apt-get install -y postgresql; .ci/run does so in CI)")
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago (bind to 0, read, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _asyncpg() -> Any:

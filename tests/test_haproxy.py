@@ -29,6 +29,7 @@ import pytest
 from admin_client import scrape
 from conftest import simple_message, sink_upstream
 from helpers_cluster import Cluster, assert_counted_within, cluster, tenant_in, until
+from helpers_ports import free_port
 from helpers_smtp import ConnectionClosed, RawSMTP
 from relayd_proc import RelaydProcess
 
@@ -38,12 +39,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "examples" / "haproxy.cfg"
 CLIENT = "127.0.0.2"            # the clients' own loopback address
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class HAProxy:

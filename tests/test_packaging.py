@@ -41,6 +41,7 @@ import pytest
 import trustme
 import yaml
 
+from helpers_ports import free_port
 from relayd import config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -334,14 +335,6 @@ class Daemon:
             return sock.recv(4096)
         except TimeoutError:
             raise self.failure("nothing on $NOTIFY_SOCKET") from None
-
-
-def free_port() -> int:
-    """A loopback port free a moment ago: for the one listener whose port
-    relayd does not log (metrics). Never a fixed port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

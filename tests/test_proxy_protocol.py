@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import socket
 import ssl
 import struct
 import threading
@@ -21,6 +20,7 @@ import pytest
 from admin_client import delta, scrape
 from conftest import simple_message, sink_upstream
 from helpers_smtp import RawSMTP, mail_lines, plain_blob, wait_for
+from helpers_ports import free_port
 from relayd import metrics
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -207,12 +207,6 @@ async def test_an_untrusted_peer_is_closed_without_a_banner(proxied):
     after = await scrape(relay.metrics_port)
     assert delta(before, after, "relayd_proxy_refusals_total", reason="untrusted_peer") == 1
     await wait_for(lambda: not relay.sessions and sessions_active() == 0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_reuse_port_lets_two_relays_share_one_address(relay_factory, tmp_path):

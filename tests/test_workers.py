@@ -7,7 +7,6 @@ Real processes, a real PostgreSQL database."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -17,33 +16,12 @@ import yaml
 from admin_client import AdminClient, scrape
 from conftest import base_config, sink_upstream
 from helpers_cluster import send_one, tenant_in
+from helpers_ports import free_port, free_run
 from relayd import config, workers
 from relayd.errors import ConfigError
 from relayd_proc import RelaydProcess
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_run(n: int, besides: int) -> int:
-    """A port P such that P+1 .. P+n are free now: instance N listens on P+N."""
-    while True:
-        base = free_port()
-        wanted = range(base + 1, base + n + 1)
-        if wanted.stop > 65536 or besides in wanted:
-            continue
-        try:
-            for port in wanted:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
 
 
 def instance_config(tmp_path: Path, dsn: str, smtp: int, metrics: int) -> dict[str, Any]:
