@@ -7,7 +7,10 @@ out of sight."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -110,6 +113,81 @@ async def test_a_count_on_one_instance_binds_the_other(instances: Opener):
     assert await b.usage(user.name, 100.0) == (1, 1)
     await a.count(user.name, "h1", 100.0, 1)           # a retry of the same count: no-op
     assert await b.usage(user.name, 100.0) == (1, 1)
+
+
+async def test_batches_of_many_users_on_two_instances_stay_exact(
+        instances: Opener, caplog: pytest.LogCaptureFixture):
+    """Concurrent RCPTs and ends of DATA of eight users on two instances go
+    out in batches (batching.py) of several users each; every user's limit
+    holds, every count lands, and no batch was refused and retried."""
+    a, b = await instances(), await instances()
+    owner, _, app = await a.create_owner("free")
+    users = [(await a.create_user(owner.owner_id, app.idapp, 1000, 6))[0] for _ in range(8)]
+
+    async def send(store: PostgresStore, user: Any, hold: str) -> int:
+        if await store.reserve(user, hold, 100.0) is not Verdict.OK:
+            return 0
+        await store.count(user.name, hold, 100.0, 1)
+        return 1
+
+    calls = [((a, b)[i % 2], users[i % 8], f"h{i}") for i in range(160)]
+    random.Random(7).shuffle(calls)
+    with caplog.at_level(logging.WARNING, logger="relayd.store"):
+        sent = await asyncio.gather(*(send(*call) for call in calls))
+    per_user = Counter[str]()
+    for (_, user, _), n in zip(calls, sent):
+        per_user[user.name] += n
+    assert per_user == {u.name: 6 for u in users}
+    assert [await b.usage(u.name, 100.0) for u in users] == [(6, 6)] * 8
+    assert a.held(users[0].name) == b.held(users[0].name) == 0
+    assert not [r.getMessage() for r in caplog.records if "batch" in r.getMessage()]
+
+
+@pytest.mark.parametrize("kind", ["reserve", "count"])
+async def test_a_batch_takes_users_rows_in_their_order(instances: Opener, pg_dsn: str,
+                                                         kind: str):
+    """Batches hold several users' row locks till their commit; taken in
+    the users' order by every batch of every instance, no two can wait on
+    each other in a cycle (PostgreSQL would break one after its
+    deadlock_timeout). Shown directly: while another transaction holds the
+    first user's row, a batch ``[second, first]`` waits on the first
+    without having taken the second, so the second stays free for others."""
+    a, b = await instances(), await instances()
+    owner, _, app = await a.create_owner("free")
+    first, second = sorted([(await a.create_user(owner.owner_id, app.idapp, 10, 10))[0]
+                            for _ in range(2)], key=lambda u: u.name)
+    for user in (second, first):
+        assert await a.reserve(user, user.name, 100.0) is Verdict.OK
+    other = await asyncpg.connect(pg_dsn)
+    try:
+        async with other.transaction():
+            await other.execute("SELECT 1 FROM smtp_users WHERE name = $1 FOR NO KEY UPDATE",
+                                first.name)
+            if kind == "reserve":
+                batch = asyncio.gather(*(a.reserve(u, u.name, 100.0) for u in (second, first)))
+            else:
+                batch = asyncio.gather(*(a.count(u.name, u.name, 100.0, 1)
+                                         for u in (second, first)))
+            await asyncio.sleep(0.2)                  # the batch is waiting on `first`
+            assert not batch.done()
+            assert await asyncio.wait_for(b.reserve(second, "free", 100.0), 2) is Verdict.OK
+        await asyncio.wait_for(batch, 5)
+    finally:
+        await other.close()
+
+
+async def test_a_count_for_a_removed_user_fails_alone_in_its_batch(instances: Opener):
+    a = await instances()
+    owner, _, app = await a.create_owner("free")
+    kept, _ = await a.create_user(owner.owner_id, app.idapp, 10, 10)
+    gone, _ = await a.create_user(owner.owner_id, app.idapp, 10, 10)
+    for user, hold in ((kept, "k"), (gone, "g")):
+        assert await a.reserve(user, hold, 100.0) is Verdict.OK
+    await a.remove_user(gone.name, owner.owner_id)
+    results = await asyncio.gather(a.count(kept.name, "k", 100.0, 1),
+                                   a.count(gone.name, "g", 100.0, 1), return_exceptions=True)
+    assert results[0] is None and isinstance(results[1], StoreError)
+    assert await a.usage(kept.name, 100.0) == (1, 1)
 
 
 async def test_changes_reach_the_other_instance_within_a_second(instances: Opener):

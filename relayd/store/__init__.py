@@ -10,7 +10,7 @@
 * ``schema.py`` -- SQLite's numbered migrations;
 * ``view.py`` -- the in-memory view every read is served from, refreshed by
   every write (and, shared, by every other process's);
-* ``journal.py`` -- group commit of the quota journal;
+* ``batching.py`` -- smart batching of the hot path's calls (group commit);
 * ``copying.py`` -- ``relayd --copy-to``: one store into another, empty one;
 * ``credentials.py`` -- generated ids and secrets, stored as digests;
 * ``files.py`` -- the database file: private, and watched;

@@ -16,6 +16,7 @@ a cluster adds (SPEC 8):
   whole cluster and no interleaving can exceed a limit; the rolling hour is
   a running sum per user (``hour_sum``), so its cost does not grow with
   the user's traffic; ``relayd_count`` the end of DATA as one statement;
+  ``relayd_reserve_many`` and ``relayd_count_many`` a batch of either;
 * ``route_health`` -- numerrors of upstreams that have no row of their own
   (domain routes, system SMTPs), shared like the rest;
 * ``instances`` -- the heartbeats of the live members.
@@ -201,6 +202,50 @@ MIGRATIONS: list[str] = [
     BEGIN
         FOR each IN SELECT name, hour_cursor FROM smtp_users
                     WHERE hour_cursor < p_now - 3600 FOR NO KEY UPDATE LOOP
+            PERFORM relayd_age(each.name, each.hour_cursor, p_now);
+        END LOOP;
+        DELETE FROM sends s USING smtp_users u
+            WHERE s.user_name = u.name AND s.ts <= u.hour_cursor AND s.ts <= p_now - 3600;
+        GET DIAGNOSTICS gone = ROW_COUNT;
+        RETURN gone;
+    END $$;
+    """,
+    # 2: the hot path batched (batching.py): many RCPTs, or many ends of
+    # DATA, in one statement. Rows are locked in the users' order, by every
+    # batch of every instance (and by the prune), so that batches holding
+    # several users' locks till their commit never wait on each other in a
+    # cycle. Each call is the single one's, so exactness is unchanged.
+    """
+    CREATE FUNCTION relayd_reserve_many(p_users TEXT[], p_holds TEXT[], p_instance TEXT,
+                                        p_nows DOUBLE PRECISION[]) RETURNS TEXT[]
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        verdicts TEXT[] := array_fill(NULL::TEXT, ARRAY[cardinality(p_users)]);
+        i INTEGER;
+    BEGIN
+        FOR i IN SELECT s FROM generate_subscripts(p_users, 1) s ORDER BY p_users[s], s LOOP
+            verdicts[i] := relayd_reserve(p_users[i], p_holds[i], p_instance, p_nows[i]);
+        END LOOP;
+        RETURN verdicts;
+    END $$;
+    CREATE FUNCTION relayd_count_many(p_holds TEXT[], p_users TEXT[],
+                                      p_ts DOUBLE PRECISION[], p_n BIGINT[]) RETURNS VOID
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        i INTEGER;
+    BEGIN
+        FOR i IN SELECT s FROM generate_subscripts(p_users, 1) s ORDER BY p_users[s], s LOOP
+            PERFORM relayd_count(p_holds[i], p_users[i], p_ts[i], p_n[i]);
+        END LOOP;
+    END $$;
+    CREATE OR REPLACE FUNCTION relayd_prune(p_now DOUBLE PRECISION) RETURNS BIGINT
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        each RECORD;
+        gone BIGINT;
+    BEGIN
+        FOR each IN SELECT name, hour_cursor FROM smtp_users
+                    WHERE hour_cursor < p_now - 3600 ORDER BY name FOR NO KEY UPDATE LOOP
             PERFORM relayd_age(each.name, each.hour_cursor, p_now);
         END LOOP;
         DELETE FROM sends s USING smtp_users u

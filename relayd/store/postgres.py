@@ -12,7 +12,10 @@ processes on one database (SPEC 8).
   ``relayd_count``) turns a hold into a journal row (``sends``) before an
   upstream sees the message; ``uncount`` adds the negative row. Both are
   idempotent by hold, so the background retry of a lost one (pgwatch.py)
-  is safe. A message costs three round trips: MAIL, RCPT, end of DATA.
+  is safe. A message makes three calls: MAIL (``current_user``), RCPT,
+  end of DATA; concurrent calls of one kind share one statement
+  (batching.py), so under load a round trip serves many messages.
+  Batches lock users' rows in the users' order (pgschema.py, migration 2).
 * An instance that dies leaves its holds (units of transactions not yet
   counted, so never sent): the others delete them once its heartbeat is
   older than pgwatch.DEAD_AFTER. Counted units stay counted: a kill -9
@@ -39,8 +42,9 @@ from ..errors import StoreError
 from ..policy import Verdict
 from ..records import SmtpUser
 from . import pgwatch
-from .pgwatch import CHANNEL, DB_ERRORS, TIMEOUT
+from .batching import Batcher
 from .instances import this_instance
+from .pgwatch import CHANNEL, DB_ERRORS, TIMEOUT
 from .pgschema import migrate
 from .sqlbase import Row, SqlStore, Statement
 from .view import user_from
@@ -57,6 +61,19 @@ async def _keep_session(con: asyncpg.Connection) -> None:
     transaction rolled back). Its default reset query is one more round trip
     per use, and relayd leaves no session state behind: no SET, LISTEN
     (pgwatch has a connection of its own) or session-level advisory lock."""
+
+
+def _refusal(exc: BaseException) -> bool:
+    """Whether the database refused a statement (rather than could not be
+    reached, or is starting or stopping)."""
+    return isinstance(exc, asyncpg.PostgresError) and not isinstance(
+        exc, asyncpg.exceptions.CannotConnectNowError)
+
+
+def _refused(exc: StoreError) -> bool:
+    """Whether a batch's StoreError is worth retrying call by call: one bad
+    call may have refused it; an unreachable database refuses every call."""
+    return exc.__cause__ is not None and _refusal(exc.__cause__)
 
 
 def numbered(sql: str) -> str:
@@ -79,6 +96,9 @@ class PostgresStore(SqlStore):
         self._held: Counter[str] = Counter()        # units this instance holds, per user
         self.watch = pgwatch.ClusterWatch(self)
         self._sql: dict[str, str] = {}
+        self._lookups = Batcher(self._lookup_many, split=_refused)
+        self._reserves = Batcher(self._reserve_many, split=_refused)
+        self._counts = Batcher(self._count_many, split=_refused)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -101,6 +121,8 @@ class PostgresStore(SqlStore):
             raise
 
     async def close(self) -> None:
+        for batcher in (self._lookups, self._reserves, self._counts):
+            await batcher.finish(timeout=TIMEOUT)
         await self.watch.stop()
         if self._pool is not None:
             pool, self._pool = self._pool, None
@@ -159,8 +181,7 @@ class PostgresStore(SqlStore):
     def _failed(self, exc: BaseException) -> StoreError:
         """The StoreError for ``exc``; a lost connection expires the pool's
         others, which the same restart broke too."""
-        if not isinstance(exc, asyncpg.PostgresError) or isinstance(
-                exc, asyncpg.exceptions.CannotConnectNowError):
+        if not _refusal(exc):
             if self._pool is not None:
                 self.watch.soon_do(self._pool.expire_connections())
         return StoreError(f"database {self.path}: {type(exc).__name__}: {exc}")
@@ -218,15 +239,26 @@ class PostgresStore(SqlStore):
         """The user and its password's stamp as the database has them now.
         The view is left to the change notices: a read that raced a write
         must not put an older row back."""
-        row = await self._fetchone("SELECT * FROM smtp_users WHERE name = ?", (name,))
+        row = await self._lookups.call(name)
         return None if row is None else (user_from(row), row["password_hash"])
 
+    async def _lookup_many(self, names: list[str]) -> list[Row | None]:
+        rows = await self._fetchall("SELECT * FROM smtp_users WHERE name = ANY(?)",
+                                    (list(set(names)),))
+        by_name = {r["name"]: r for r in rows}
+        return [by_name.get(name) for name in names]
+
     async def reserve(self, user: SmtpUser, hold: str, now: float) -> Verdict:
-        verdict = Verdict(await self._fetchval(
-            "SELECT relayd_reserve($1, $2, $3, $4)", user.name, hold, self.instance.id, now))
+        verdict = await self._reserves.call((user.name, hold, now))
         if verdict is Verdict.OK:
             self._held[user.name] += 1
         return verdict
+
+    async def _reserve_many(self, calls: list[tuple[str, str, float]]) -> list[Verdict]:
+        users, holds, nows = zip(*calls)
+        verdicts = await self._fetchval("SELECT relayd_reserve_many($1, $2, $3, $4)",
+                                        users, holds, self.instance.id, nows)
+        return [Verdict(v) for v in verdicts]
 
     def release(self, name: str, hold: str, n: int) -> None:
         """Never fails: the delete runs in the background, retried until the
@@ -240,8 +272,12 @@ class PostgresStore(SqlStore):
             del self._held[name]
 
     async def count(self, name: str, hold: str, ts: float, n: int) -> None:
-        await self._fetchval("SELECT relayd_count($1, $2, $3, $4)", hold, name, ts, n)
+        await self._counts.call((hold, name, ts, n))
         self._unhold(name, n)
+
+    async def _count_many(self, calls: list[tuple[str, str, float, int]]) -> list[None]:
+        await self._fetchval("SELECT relayd_count_many($1, $2, $3, $4)", *zip(*calls))
+        return [None] * len(calls)
 
     async def uncount(self, name: str, hold: str, ts: float, n: int) -> None:
         """The negative row of ``count``; retried in the background if the

@@ -10,7 +10,7 @@
   leaves the message counted: counters may exceed what upstreams received by
   in-flight messages, never fall short. Rows older than the hourly window
   are pruned; sent_total keeps the running total.
-* Journal writes are group-committed (journal.py). The quota state between
+* Journal writes are group-committed (batching.py). The quota state between
   them -- reservations, the totals and the hourly window -- is the
   in-memory Ledger (policy.py): this process is the database's only writer,
   so checking and reserving in one synchronous call is exact.
@@ -35,7 +35,7 @@ from ..policy import Ledger, Verdict
 from ..records import SmtpUser
 from . import files
 from .instances import this_instance
-from .journal import GroupCommit
+from .batching import Batcher
 from .schema import migrate
 from .sqlbase import Row, SqlStore, Statement
 
@@ -53,7 +53,7 @@ class SqliteStore(SqlStore):
         self.path = Path(path)
         self._db: aiosqlite.Connection | None = None
         self._identity: tuple[int, int] | None = None     # (st_dev, st_ino) of the open file
-        self._journal = GroupCommit(self._insert_sends)
+        self._journal = Batcher(self._insert_sends)
         self.ledger = Ledger()
         self.instance = this_instance()
 
@@ -170,14 +170,15 @@ class SqliteStore(SqlStore):
     async def journal_send(self, user: str, ts: float, rcpts: int) -> None:
         """Count ``rcpts`` for ``user`` at ``ts``; a negative count undoes an
         earlier entry with the same ts. Returns once the entry is committed;
-        raises StoreError if it could not be (group commit: journal.py)."""
-        await self._journal.add(user, ts, rcpts)
+        raises StoreError if it could not be (group commit: batching.py)."""
+        await self._journal.call((user, ts, rcpts))
 
-    async def _insert_sends(self, rows: list[tuple[str, float, int]]) -> None:
+    async def _insert_sends(self, rows: list[tuple[str, float, int]]) -> list[None]:
         values = ",".join(["(?,?,?)"] * len(rows))
         params = tuple(v for row in rows for v in row)
         async with self._lock:
             await self._transaction([(f"INSERT INTO sends (user, ts, rcpts) VALUES {values}", params)])
+        return [None] * len(rows)
 
     async def prune_sends(self, now: float) -> int:
         async with self._lock:
