@@ -105,3 +105,27 @@ async def test_a_caller_that_went_away_does_not_disturb_the_others():
     with pytest.raises(asyncio.CancelledError):
         await gone
     await batcher.finish(timeout=1)
+
+
+async def test_a_call_made_while_the_idle_hook_runs_is_still_served():
+    """``idle`` (a shared store gives back its connection there) awaits; a
+    call made meanwhile finds the batcher's task still running, so that
+    task must look at the queue again before it ends."""
+    db = Database()
+    idling, go_on = asyncio.Event(), asyncio.Event()
+    idled: list[int] = []
+
+    async def idle() -> None:
+        idled.append(len(db.batches))
+        idling.set()
+        await go_on.wait()
+
+    batcher = Batcher(db.write, idle=idle)
+    first = asyncio.create_task(batcher.call(1))
+    await idling.wait()
+    second = asyncio.create_task(batcher.call(2))
+    await asyncio.sleep(0.01)
+    go_on.set()
+    assert await asyncio.wait_for(first, 1) == 2
+    assert await asyncio.wait_for(second, 1) == 4
+    assert idled == [1, 2]

@@ -39,9 +39,11 @@ class Batcher(Generic[Item, Result]):
     returns that item's result (``write`` returns one per item, in order)."""
 
     def __init__(self, write: Callable[[list[Item]], Awaitable[list[Result]]],
-                 split: Callable[[StoreError], bool] = always):
+                 split: Callable[[StoreError], bool] = always,
+                 idle: Callable[[], Awaitable[None]] | None = None):
         self._write = write
         self._split = split         # whether a refused batch is retried call by call
+        self._idle = idle           # run when the queue is empty (a held connection goes back)
         self._queue: list[tuple[Item, asyncio.Future[Result]]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -58,6 +60,14 @@ class Batcher(Generic[Item, Result]):
             await asyncio.wait([self._task], timeout=timeout)
 
     async def _drain(self) -> None:
+        while self._queue:          # again after idle(): calls made meanwhile found this task busy
+            try:
+                await self._serve()
+            finally:
+                if self._idle is not None:
+                    await self._idle()
+
+    async def _serve(self) -> None:
         while self._queue:
             batch, self._queue = self._queue[:LIMIT], self._queue[LIMIT:]
             try:

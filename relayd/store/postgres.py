@@ -32,8 +32,8 @@ import asyncio
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -53,6 +53,7 @@ log = logging.getLogger("relayd.store")
 
 HOUR = 3600.0
 POOL_SIZE = 10
+T = TypeVar("T")
 _PLACEHOLDER = re.compile(r"\?")
 
 
@@ -82,6 +83,33 @@ def numbered(sql: str) -> str:
     return _PLACEHOLDER.sub(lambda _: f"${next(counter)}", sql)
 
 
+class Lane:
+    """A pool connection that one batcher keeps while its calls keep coming:
+    one acquire and release per busy spell instead of one per statement
+    (the pair costs ~60 µs of CPU, as much as a small statement's own)."""
+
+    def __init__(self, store: PostgresStore):
+        self._store = store
+        self._con: Any = None
+
+    async def run(self, use: Callable[[Any], Awaitable[T]]) -> T:
+        try:
+            if self._con is None:
+                self._con = await self._store.pool.acquire()
+            return await use(self._con)
+        except DB_ERRORS as exc:
+            await self.release()        # it may be broken: the next batch takes another
+            raise self._store._failed(exc) from exc
+
+    async def release(self) -> None:
+        con, self._con = self._con, None
+        if con is not None and self._store._pool is not None:
+            try:
+                await self._store._pool.release(con)
+            except DB_ERRORS:
+                con.terminate()
+
+
 class PostgresStore(SqlStore):
     """The backend a cluster shares (see the module docstring)."""
 
@@ -96,9 +124,10 @@ class PostgresStore(SqlStore):
         self._held: Counter[str] = Counter()        # units this instance holds, per user
         self.watch = pgwatch.ClusterWatch(self)
         self._sql: dict[str, str] = {}
-        self._lookups = Batcher(self._lookup_many, split=_refused)
-        self._reserves = Batcher(self._reserve_many, split=_refused)
-        self._counts = Batcher(self._count_many, split=_refused)
+        self._lanes = {kind: Lane(self) for kind in ("lookup", "reserve", "count")}
+        self._lookups = Batcher(self._lookup_many, _refused, self._lanes["lookup"].release)
+        self._reserves = Batcher(self._reserve_many, _refused, self._lanes["reserve"].release)
+        self._counts = Batcher(self._count_many, _refused, self._lanes["count"].release)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -243,8 +272,8 @@ class PostgresStore(SqlStore):
         return None if row is None else (user_from(row), row["password_hash"])
 
     async def _lookup_many(self, names: list[str]) -> list[Row | None]:
-        rows = await self._fetchall("SELECT * FROM smtp_users WHERE name = ANY(?)",
-                                    (list(set(names)),))
+        rows = await self._lanes["lookup"].run(lambda con: con.fetch(
+            "SELECT * FROM smtp_users WHERE name = ANY($1)", list(set(names))))
         by_name = {r["name"]: r for r in rows}
         return [by_name.get(name) for name in names]
 
@@ -256,8 +285,8 @@ class PostgresStore(SqlStore):
 
     async def _reserve_many(self, calls: list[tuple[str, str, float]]) -> list[Verdict]:
         users, holds, nows = zip(*calls)
-        verdicts = await self._fetchval("SELECT relayd_reserve_many($1, $2, $3, $4)",
-                                        users, holds, self.instance.id, nows)
+        verdicts = await self._lanes["reserve"].run(lambda con: con.fetchval(
+            "SELECT relayd_reserve_many($1, $2, $3, $4)", users, holds, self.instance.id, nows))
         return [Verdict(v) for v in verdicts]
 
     def release(self, name: str, hold: str, n: int) -> None:
@@ -276,7 +305,9 @@ class PostgresStore(SqlStore):
         self._unhold(name, n)
 
     async def _count_many(self, calls: list[tuple[str, str, float, int]]) -> list[None]:
-        await self._fetchval("SELECT relayd_count_many($1, $2, $3, $4)", *zip(*calls))
+        columns = tuple(zip(*calls))
+        await self._lanes["count"].run(lambda con: con.fetchval(
+            "SELECT relayd_count_many($1, $2, $3, $4)", *columns))
         return [None] * len(calls)
 
     async def uncount(self, name: str, hold: str, ts: float, n: int) -> None:
