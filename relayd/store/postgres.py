@@ -33,7 +33,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 
@@ -53,7 +53,8 @@ log = logging.getLogger("relayd.store")
 
 HOUR = 3600.0
 POOL_SIZE = 10
-T = TypeVar("T")
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 _PLACEHOLDER = re.compile(r"\?")
 
 
@@ -83,29 +84,41 @@ def numbered(sql: str) -> str:
     return _PLACEHOLDER.sub(lambda _: f"${next(counter)}", sql)
 
 
-class Lane:
-    """A pool connection that one batcher keeps while its calls keep coming:
-    one acquire and release per busy spell instead of one per statement
-    (the pair costs ~60 µs of CPU, as much as a small statement's own)."""
+class Lane(Generic[Item, Result]):
+    """One kind of batched call (batching.py) and the pool connection it
+    keeps while its calls keep coming: one acquire and release per busy
+    spell instead of one per statement (the pair costs ~60 µs of CPU, as
+    much as a small statement's own). ``write(connection, items)`` returns
+    one result per item."""
 
-    def __init__(self, store: PostgresStore):
+    def __init__(self, store: PostgresStore,
+                 write: Callable[[Any, list[Item]], Awaitable[list[Result]]]):
         self._store = store
+        self._write = write
         self._con: Any = None
+        self._batcher = Batcher(self._run, _refused, self._release)
 
-    async def run(self, use: Callable[[Any], Awaitable[T]]) -> T:
+    async def call(self, item: Item) -> Result:
+        return await self._batcher.call(item)
+
+    async def finish(self, timeout: float) -> None:
+        await self._batcher.finish(timeout)
+
+    async def _run(self, items: list[Item]) -> list[Result]:
         try:
             if self._con is None:
                 self._con = await self._store.pool.acquire()
-            return await use(self._con)
+            return await self._write(self._con, items)
         except DB_ERRORS as exc:
-            await self.release()        # it may be broken: the next batch takes another
-            raise self._store._failed(exc) from exc
+            await self._release()       # it may be broken: the next batch takes another
+            raise self._store.failure(exc) from exc
 
-    async def release(self) -> None:
+    async def _release(self) -> None:
         con, self._con = self._con, None
-        if con is not None and self._store._pool is not None:
+        pool = self._store._pool
+        if con is not None and pool is not None:
             try:
-                await self._store._pool.release(con)
+                await pool.release(con)
             except DB_ERRORS:
                 con.terminate()
 
@@ -124,10 +137,9 @@ class PostgresStore(SqlStore):
         self._held: Counter[str] = Counter()        # units this instance holds, per user
         self.watch = pgwatch.ClusterWatch(self)
         self._sql: dict[str, str] = {}
-        self._lanes = {kind: Lane(self) for kind in ("lookup", "reserve", "count")}
-        self._lookups = Batcher(self._lookup_many, _refused, self._lanes["lookup"].release)
-        self._reserves = Batcher(self._reserve_many, _refused, self._lanes["reserve"].release)
-        self._counts = Batcher(self._count_many, _refused, self._lanes["count"].release)
+        self._lookups = Lane(self, self._lookup_many)
+        self._reserves = Lane(self, self._reserve_many)
+        self._counts = Lane(self, self._count_many)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -150,8 +162,8 @@ class PostgresStore(SqlStore):
             raise
 
     async def close(self) -> None:
-        for batcher in (self._lookups, self._reserves, self._counts):
-            await batcher.finish(timeout=TIMEOUT)
+        for lane in (self._lookups, self._reserves, self._counts):
+            await lane.finish(timeout=TIMEOUT)
         await self.watch.stop()
         if self._pool is not None:
             pool, self._pool = self._pool, None
@@ -176,20 +188,20 @@ class PostgresStore(SqlStore):
         try:
             return list(await self.pool.fetch(self._numbered(sql), *args))
         except DB_ERRORS as exc:
-            raise self._failed(exc) from exc
+            raise self.failure(exc) from exc
 
     async def execute(self, sql: str, args: tuple[Any, ...]) -> None:
         """One statement in PostgreSQL's own placeholders, in a transaction of its own."""
         try:
             await self.pool.execute(sql, *args)
         except DB_ERRORS as exc:
-            raise self._failed(exc) from exc
+            raise self.failure(exc) from exc
 
     async def _fetchval(self, sql: str, *args: Any) -> Any:
         try:
             return await self.pool.fetchval(sql, *args)
         except DB_ERRORS as exc:
-            raise self._failed(exc) from exc
+            raise self.failure(exc) from exc
 
     async def _transaction(self, statements: list[Statement], changed: str | None = None) -> int:
         """Run statements in one transaction, with the NOTIFY of what
@@ -203,11 +215,11 @@ class PostgresStore(SqlStore):
                     await con.execute("SELECT pg_notify($1, $2)", CHANNEL,
                                       f"{self.instance.id} {changed}")
         except DB_ERRORS as exc:
-            raise self._failed(exc) from exc
+            raise self.failure(exc) from exc
         last = status.rsplit(" ", 1)[-1]
         return int(last) if last.isdigit() else 0
 
-    def _failed(self, exc: BaseException) -> StoreError:
+    def failure(self, exc: BaseException) -> StoreError:
         """The StoreError for ``exc``; a lost connection expires the pool's
         others, which the same restart broke too."""
         if not _refusal(exc):
@@ -271,9 +283,10 @@ class PostgresStore(SqlStore):
         row = await self._lookups.call(name)
         return None if row is None else (user_from(row), row["password_hash"])
 
-    async def _lookup_many(self, names: list[str]) -> list[Row | None]:
-        rows = await self._lanes["lookup"].run(lambda con: con.fetch(
-            "SELECT * FROM smtp_users WHERE name = ANY($1)", list(set(names))))
+    @staticmethod
+    async def _lookup_many(con: Any, names: list[str]) -> list[Row | None]:
+        rows = await con.fetch("SELECT * FROM smtp_users WHERE name = ANY($1)",
+                               list(set(names)))
         by_name = {r["name"]: r for r in rows}
         return [by_name.get(name) for name in names]
 
@@ -283,10 +296,10 @@ class PostgresStore(SqlStore):
             self._held[user.name] += 1
         return verdict
 
-    async def _reserve_many(self, calls: list[tuple[str, str, float]]) -> list[Verdict]:
+    async def _reserve_many(self, con: Any, calls: list[tuple[str, str, float]]) -> list[Verdict]:
         users, holds, nows = zip(*calls)
-        verdicts = await self._lanes["reserve"].run(lambda con: con.fetchval(
-            "SELECT relayd_reserve_many($1, $2, $3, $4)", users, holds, self.instance.id, nows))
+        verdicts = await con.fetchval("SELECT relayd_reserve_many($1, $2, $3, $4)",
+                                      users, holds, self.instance.id, nows)
         return [Verdict(v) for v in verdicts]
 
     def release(self, name: str, hold: str, n: int) -> None:
@@ -304,10 +317,9 @@ class PostgresStore(SqlStore):
         await self._counts.call((hold, name, ts, n))
         self._unhold(name, n)
 
-    async def _count_many(self, calls: list[tuple[str, str, float, int]]) -> list[None]:
-        columns = tuple(zip(*calls))
-        await self._lanes["count"].run(lambda con: con.fetchval(
-            "SELECT relayd_count_many($1, $2, $3, $4)", *columns))
+    @staticmethod
+    async def _count_many(con: Any, calls: list[tuple[str, str, float, int]]) -> list[None]:
+        await con.fetchval("SELECT relayd_count_many($1, $2, $3, $4)", *zip(*calls))
         return [None] * len(calls)
 
     async def uncount(self, name: str, hold: str, ts: float, n: int) -> None:
