@@ -110,7 +110,7 @@ def report(points: list[Point], extras: list[str], args: argparse.Namespace, sin
 
 # ---------------------------------------------------------------- command line
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                 epilog="examples:\n" + __doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,6 +143,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    "interleaved, with msg/s, p50/p99, CPU per process, relayd and PostgreSQL "
                    "CPU per message and database round trips per message; writes its own "
                    "section of RESULTS.md")
+    p.add_argument("--sched", choices=("normal", "batch"), default="normal",
+                   help="the CPU scheduling policy of the bench and every process it starts "
+                   "(normal); batch: SCHED_BATCH, no preemption on wake-up, so that relayd "
+                   "sharing two cores with the load generator, the sink and PostgreSQL is "
+                   "not preempted each time one of them wakes")
     p.add_argument("--repeats", type=int, default=3,
                    help="--scale-out: interleaved runs of each configuration per point (3)")
     p.add_argument("--users", type=int, default=1,
@@ -151,6 +156,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probe-rows", type=int, default=30000,
                    help="--scale-out: the largest hourly window (sends of one user) at which "
                    "relayd_reserve is timed after the points (30000; 0: no probe)")
+    return p
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = parser()
     args = p.parse_args(argv)
     if args.instances is None:
         args.instances = 2 if args.front else 1
@@ -179,6 +189,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     stop_on_sigterm()
+    if args.sched == "batch":           # inherited by every process started from here on
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     if args.scale_out:
         from . import scaleout          # imports PostgreSQL's helpers only when needed
         return scaleout.run(args)

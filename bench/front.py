@@ -234,9 +234,10 @@ def report(summaries: list[Summary], args: argparse.Namespace, sink_kind: str, s
         "one process; its 465 servers point at dead ports (DOWN, no TLS in this bench)",
         "",
         "| size | sessions | configuration | msg/s | msg/s per round | p50 / p99 ms "
-        "| relayd CPU % per process | relayd CPU µs/msg | HAProxy CPU µs/msg "
-        "| postgres CPU µs/msg | DB round trips/msg | other load % (steal) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| relayd CPU % per process | relayd CPU µs/msg | relayd wake-ups / preemptions "
+        "per msg | HAProxy CPU µs/msg | postgres CPU µs/msg | DB round trips/msg "
+        "| other load % (steal) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {(f, n): i for i, (f, n) in enumerate((f, n) for f in FRONTS for n in counts(args))}
     for s in sorted(summaries, key=lambda s: (s.size, s.sessions,
@@ -247,7 +248,8 @@ def report(summaries: list[Summary], args: argparse.Namespace, sink_kind: str, s
             f"| {human_size(s.size)} | {s.sessions} | {s.config.label} | {s.rate:.0f} "
             f"| {' / '.join(f'{p.rate:.0f}' for p in s.points)} "
             f"| {s.median('p50_ms'):.1f} / {s.median('p99_ms'):.1f} "
-            f"| {' + '.join(f'{c:.0f}' for c in s.cpu_pcts)} | {s.relayd_us:.0f} | {haproxy} "
+            f"| {' + '.join(f'{c:.0f}' for c in s.cpu_pcts)} | {s.relayd_us:.0f} "
+            f"| {' / '.join(f'{n:.1f}' for n in s.switches_per_msg)} | {haproxy} "
             f"| {db.cpu_us_per_msg:.0f} | {db.round_trips_per_msg:.1f} "
             f"| {s.median('other_pct'):.0f} ({s.median('steal_pct'):.0f}) |")
     errors = sum(p.errors for s in summaries for p in s.points)

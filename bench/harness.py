@@ -176,6 +176,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK   # utime + stime
 
 
+def switches(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of ``pid``'s main thread:
+    for relayd, its event loop's sleeps in epoll_wait (a wake-up each) and
+    the times the kernel took the core from it."""
+    counts = dict(line.split(":\t") for line in Path(f"/proc/{pid}/status").read_text()
+                  .splitlines() if line.endswith(tuple("0123456789")) and ":\t" in line)
+    return int(counts["voluntary_ctxt_switches"]), int(counts["nonvoluntary_ctxt_switches"])
+
+
 def machine_cpu() -> tuple[float, float]:
     """(busy, steal) CPU seconds of the whole machine since boot, all cores
     (/proc/stat: user + nice + system + irq + softirq; steal)."""
@@ -311,6 +320,7 @@ class Point:
     other_pct: float = 0.0                    # CPU % of everything else on the machine
     steal_pct: float = 0.0                    # CPU % the hypervisor took
     watched_s: list[float] = field(default_factory=list)  # CPU seconds of measure's ``watch``
+    switches: tuple[int, int] = (0, 0)        # relayd's (voluntary, involuntary), all processes
 
 
 class Background:
@@ -363,10 +373,13 @@ def measure(job: loadgen.Job, target: str, pids: Sequence[int], processes: int,
         db.begin()
     background = Background([*pids, *helpers, *watch])
     cpu0 = [cpu_seconds(pid) for pid in pids]
+    switches0 = [switches(pid) for pid in pids]
     watched0 = [cpu_seconds(pid) for pid in watch]
     spy = _py_spy(pids[0], job.duration, profile_to) if pids and profile_to else None
     latencies, errors, wall = loadgen.run(job, processes)
     cpu = [cpu_seconds(pid) - c for pid, c in zip(pids, cpu0)]
+    switched = [(v - v0, i - i0) for (v, i), (v0, i0) in
+                zip((switches(pid) for pid in pids), switches0)]
     watched = [cpu_seconds(pid) - c for pid, c in zip(watch, watched0)]
     if spy is not None:
         spy.wait(60)
@@ -374,6 +387,7 @@ def measure(job: loadgen.Job, target: str, pids: Sequence[int], processes: int,
                   len(latencies) / wall, percentile(latencies, 0.5) * 1000,
                   percentile(latencies, 0.99) * 1000)
     point.watched_s = watched
+    point.switches = (sum(v for v, _ in switched), sum(i for _, i in switched))
     if db is not None:
         point.db = db.end(len(latencies))
     background.end(point, point.db.cpu_s if point.db is not None else 0.0)

@@ -92,6 +92,13 @@ class Summary:
         return 1e6 * sum(p.cpu_s for p in self.points) / msgs if msgs else math.nan
 
     @property
+    def switches_per_msg(self) -> tuple[float, float]:
+        """relayd's (voluntary, involuntary) context switches per message."""
+        msgs = sum(p.msgs for p in self.points) or 1
+        return (sum(p.switches[0] for p in self.points) / msgs,
+                sum(p.switches[1] for p in self.points) / msgs)
+
+    @property
     def db(self) -> pgserver.DbCost | None:
         costs = [p.db for p in self.points if p.db is not None]
         return pgserver.merge(costs) if costs else None
@@ -233,7 +240,9 @@ def header_lines(args: argparse.Namespace, started: float, sink_kind: str, versi
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}",
         f"- machine: {os.cpu_count()} cores, {platform.machine()}, Linux "
         f"{platform.release()}, Python {platform.python_version()}: the load generator, "
-        "every relayd process and PostgreSQL share these cores",
+        "every relayd process and PostgreSQL share these cores" + (
+            "; every process SCHED_BATCH (`--sched batch`: no preemption on wake-up)"
+            if args.sched == "batch" else ""),
         f"- command: `{' '.join(['python -m bench'] + sys.argv[1:])}`",
         f"- sink: {sink_kind}; load generator: aiosmtplib, {args.processes} processes, AUTH "
         f"PLAIN, {spread}; {args.duration:g} s per point, "
@@ -342,6 +351,9 @@ def capacity_lines(summaries: list[Summary], probe: list[pgserver.ProbeRow] | st
                 f"its reservations costs {k * 3600:.0f} x r µs more (at 10 msg/s: "
                 f"{k * 36000:,.0f} µs, {1 + k * 36000 / c:.0f}x c0)",
                 f"- one user's reservations serialise on its row lock: r x ({t0:.0f} + "
-                f"{k * 3600:.0f} x r) µs <= 1 s gives at most ~{r:.0f} msg/s for any one user, "
-                "sustained for an hour, whatever the number of cores"]
+                f"{k * 3600:.0f} x r) µs <= 1 s gives at most ~{r:.0f} msg/s for any one user "
+                "if each reservation came alone, sustained for an hour, whatever the number of "
+                "cores; concurrent ones are batched (relayd_reserve_many), which takes the row "
+                "once per batch, so a busy user's bound is higher (the points above send all "
+                "their sessions as one user)"]
     return out + [""]
