@@ -20,6 +20,7 @@ import pytest
 from relayd.errors import StoreError
 from relayd.policy import Verdict
 from relayd.store import store_for
+from relayd.store import pgschema
 from relayd.store.pgschema import SCHEMA_VERSION
 from relayd.store.postgres import PostgresStore, numbered
 
@@ -75,6 +76,34 @@ async def test_a_newer_schema_is_refused(pg_dsn: str, instances: Opener):
     with pytest.raises(StoreError, match="newer than this relayd"):
         await s.open()
     await s.close()
+
+
+async def test_a_database_of_schema_1_is_upgraded_in_place(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch):
+    """Schema 2 (the batched hot path) reaches a database made by a relayd
+    that knew only schema 1: its records stay and serve mail."""
+    monkeypatch.setattr(pgschema, "SCHEMA_VERSION", 1)
+    old = store_for(pg_dsn)
+    await old.open()
+    owner, _, app = await old.create_owner("free")
+    user, password = await old.create_user(owner.owner_id, app.idapp, 10, 10)
+    await old.close()
+    monkeypatch.undo()
+    new = store_for(pg_dsn)
+    await new.open()
+    try:
+        assert new.check_password(user.name, password) is not None
+        assert await new.reserve(user, "h", 100.0) is Verdict.OK
+        await new.count(user.name, "h", 100.0, 1)
+        assert await new.usage(user.name, 100.0) == (1, 1)
+    finally:
+        await new.close()
+    con = await asyncpg.connect(pg_dsn)
+    try:
+        assert [r[0] for r in await con.fetch(
+            "SELECT version FROM relayd_schema ORDER BY version")] == [1, 2]
+    finally:
+        await con.close()
 
 
 async def test_the_password_of_the_dsn_is_masked(pg_dsn: str):
