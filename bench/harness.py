@@ -176,13 +176,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK   # utime + stime
 
 
+def proc_status(pid: int) -> dict[str, int]:
+    """The numeric fields of /proc/PID/status, each its first number (kB for
+    the memory ones)."""
+    fields: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        first = value.split()[:1]
+        if first and first[0].isdigit():
+            fields[key] = int(first[0])
+    return fields
+
+
 def switches(pid: int) -> tuple[int, int]:
     """(voluntary, involuntary) context switches of ``pid``'s main thread:
     for relayd, its event loop's sleeps in epoll_wait (a wake-up each) and
     the times the kernel took the core from it."""
-    counts = dict(line.split(":\t") for line in Path(f"/proc/{pid}/status").read_text()
-                  .splitlines() if line.endswith(tuple("0123456789")) and ":\t" in line)
-    return int(counts["voluntary_ctxt_switches"]), int(counts["nonvoluntary_ctxt_switches"])
+    status = proc_status(pid)
+    return status["voluntary_ctxt_switches"], status["nonvoluntary_ctxt_switches"]
 
 
 def machine_cpu() -> tuple[float, float]:
@@ -200,10 +211,7 @@ def own_cpu() -> float:
 
 
 def rss_kib(pid: int, key: str = "VmRSS") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
+    return proc_status(pid).get(key, 0)
 
 
 def reset_peak_rss(pid: int) -> None:
