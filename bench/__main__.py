@@ -41,7 +41,10 @@ comparison instead: ``--instances`` N (default 2) relayd processes on
 PostgreSQL behind HAProxy (examples/haproxy.cfg) or on one SO_REUSEPORT
 address, N = 1 and N interleaved, with relayd's CPU per message at N against
 1, HAProxy's CPU per message and a 16-core estimate; its own section of
-bench/RESULTS.md.
+bench/RESULTS.md. With ``--rate R`` its load is paced at R msg/s per relayd
+process (equal per-process load at 1 and N) and goes into a block of its
+own. ``--client lean`` swaps aiosmtplib for loadgen.py's lean client (the
+same bytes for a fraction of the CPU) in any run.
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ from pathlib import Path
 
 from . import loadgen, results
 from .harness import (HERE, Point, Relayd, Sink, fresh_user, human_size, measure, provision_owner,
-                      relayd_fleet, reset_peak_rss, rss_kib, sink_running, stop_on_sigterm)
+                      relayd_fleet, sink_running, stop_on_sigterm)
+from .procfs import reset_peak_rss, rss_kib
 
 MATRIX_SIZES, MATRIX_SESSIONS = "1024,102400,10485760", "1,10,50"
 SCALE_OUT_SIZES, SCALE_OUT_SESSIONS = "1024,102400", "50"
@@ -75,7 +79,7 @@ def report(points: list[Point], extras: list[str], args: argparse.Namespace, sin
         f"- machine: {os.cpu_count()} cores, {platform.machine()}, Linux "
         f"{platform.release()}, Python {platform.python_version()}",
         f"- command: `{' '.join(['python -m bench'] + sys.argv[1:])}`",
-        f"- sink: {sink_kind}; load generator: aiosmtplib, {args.processes} processes, "
+        f"- sink: {sink_kind}; load generator: {args.client}, {args.processes} processes, "
         f"AUTH PLAIN when via relayd, {args.duration:g} s per point",
     ]
     if args.database != "sqlite" or args.instances > 1:
@@ -117,6 +121,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=10.0, help="seconds per point (10)")
     p.add_argument("--quick", action="store_true", help="3 s points, 1 KB/100 KB, 1/50 sessions")
     p.add_argument("--processes", type=int, default=2, help="load generator processes (2)")
+    p.add_argument("--client", choices=("aiosmtplib", "lean"), default="aiosmtplib",
+                   help="the load generator's SMTP client: aiosmtplib (default), or lean: "
+                        "the same bytes on bare asyncio streams, at a fraction of the CPU "
+                        "that the processes measured share the cores with")
     p.add_argument("--sizes", help=f"message sizes in bytes ({MATRIX_SIZES}; "
                    f"--scale-out: {SCALE_OUT_SIZES})")
     p.add_argument("--sessions", help=f"concurrent sessions per point ({MATRIX_SESSIONS}; "
@@ -153,6 +161,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=1,
                    help="--scale-out: fresh SMTP users per point, sessions round-robin over "
                    "them (1: all sessions one user, the worst case for its quota row)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="--front: offered msg/s per relayd process, paced (an open loop): "
+                   "every process carries the same load at 1 and N processes, below what "
+                   "saturates the cores; default: back to back (a closed loop)")
     p.add_argument("--probe-rows", type=int, default=30000,
                    help="--scale-out: the largest hourly window (sends of one user) at which "
                    "relayd_reserve is timed after the points (30000; 0: no probe)")
@@ -177,6 +189,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--instances N > 1 needs --database postgresql (one database they share)")
     if args.repeats < 1 or args.users < 1 or args.duration <= 0:
         p.error("--repeats, --users and --duration must be positive")
+    if args.rate is not None and (args.rate <= 0 or not args.front):
+        p.error("--rate is for --front, and must be positive")
     if args.profile and not shutil.which("py-spy"):
         p.error("--profile needs py-spy: pip install py-spy")
     sizes, sessions = ((SCALE_OUT_SIZES, SCALE_OUT_SESSIONS) if args.scale_out or args.front
@@ -257,7 +271,7 @@ def matrix_point(args: argparse.Namespace, fleet: list[Relayd], sink: Sink, targ
     via = target == "relayd"
     job = loadgen.Job(port=tuple(r.port for r in fleet) if via else sink.port,
                       sessions=sessions, size=size, duration=args.duration,
-                      user=user if via else None, password=password)
+                      user=user if via else None, password=password, client=args.client)
     profiling = args.profile and via and size == 1024 and sessions == max(args.sessions)
     point = measure(job, target, [r.pid for r in fleet] if via else [], args.processes,
                     profile if profiling else None, helpers=[sink.pid])

@@ -33,6 +33,13 @@ processes, HAProxy's, PostgreSQL's, and database round trips per message;
 then relayd's CPU per message at N against 1 (the issue's bound: at most
 10 % more) and a 16-core estimate from the measured costs. The section goes
 into bench/RESULTS.md between markers of its own (results.py).
+
+By default the load is a closed loop: every session sends back to back, so
+the cores saturate and N processes share what one process had alone.
+``--rate R`` paces the load instead (an open loop) at R msg/s per relayd
+process, so that each process carries the same load at 1 and at N: that
+run goes into a block of its own ("front, paced"), and has no 16-core
+estimate (a host at capacity runs closed-loop costs).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import io
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
@@ -191,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         logs += [f"- haproxy: `{line}`" for p in proxies.values() for line in log_lines(p.log)
                  if "ALERT" in line and "relayd_465" not in line][:5]     # 465: DOWN by design
     section = report(summaries, args, sink.kind, started, version, logs)
-    print(results.write(Path(args.out), front=section))
+    print(results.write(Path(args.out), **{"front_paced" if args.rate else "front": section}))
     return 0
 
 
@@ -203,7 +211,8 @@ def run_point(args: argparse.Namespace, config: FrontConfig, fleet: list[Relayd]
     busy = fleet[:config.instances]
     logins = tuple(fresh_user(busy, owner) for _ in range(args.users))
     job = loadgen.Job(port=port, sessions=sessions, size=size, duration=args.duration,
-                      logins=logins)
+                      logins=logins, client=args.client,
+                      rate=args.rate * config.instances if args.rate else None)
     point = measure(job, config.label, [r.pid for r in busy], args.processes, db=meter,
                     helpers=[*helpers, *(r.pid for r in fleet[config.instances:])], watch=watch)
     progress(config.label, point, f"  haproxy {haproxy_us(point):5.0f} µs/msg" if watch else "")
@@ -223,8 +232,11 @@ def summary_haproxy_us(s: Summary) -> float:
 
 def report(summaries: list[Summary], args: argparse.Namespace, sink_kind: str, started: float,
            version: str, logs: list[str]) -> str:
+    load = (f"paced at {args.rate:g} msg/s per relayd process" if args.rate
+            else "closed loop")
     lines = [
-        "## Behind a front: HAProxy vs SO_REUSEPORT, 1 and N relayd processes on PostgreSQL",
+        "## Behind a front: HAProxy vs SO_REUSEPORT, 1 and N relayd processes on PostgreSQL, "
+        + load,
         "",
         *header_lines(args, started, sink_kind, version,
                       "all sessions to one address (HAProxy's 587 frontend, or the "
@@ -234,9 +246,9 @@ def report(summaries: list[Summary], args: argparse.Namespace, sink_kind: str, s
         "one process; its 465 servers point at dead ports (DOWN, no TLS in this bench)",
         "",
         "| size | sessions | configuration | msg/s | msg/s per round | p50 / p99 ms "
-        "| relayd CPU % per process | relayd CPU µs/msg | relayd wake-ups / preemptions "
-        "per msg | HAProxy CPU µs/msg | postgres CPU µs/msg | DB round trips/msg "
-        "| other load % (steal) |",
+        "| relayd CPU % per process | relayd CPU µs/msg (kernel %) "
+        "| relayd wake-ups / preemptions per msg | HAProxy CPU µs/msg | postgres CPU µs/msg "
+        "| DB round trips/msg | other load % (steal) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {(f, n): i for i, (f, n) in enumerate((f, n) for f in FRONTS for n in counts(args))}
@@ -248,7 +260,8 @@ def report(summaries: list[Summary], args: argparse.Namespace, sink_kind: str, s
             f"| {human_size(s.size)} | {s.sessions} | {s.config.label} | {s.rate:.0f} "
             f"| {' / '.join(f'{p.rate:.0f}' for p in s.points)} "
             f"| {s.median('p50_ms'):.1f} / {s.median('p99_ms'):.1f} "
-            f"| {' + '.join(f'{c:.0f}' for c in s.cpu_pcts)} | {s.relayd_us:.0f} "
+            f"| {' + '.join(f'{c:.0f}' for c in s.cpu_pcts)} "
+            f"| {s.relayd_us:.0f} ({s.sys_share:.0%}) "
             f"| {' / '.join(f'{n:.1f}' for n in s.switches_per_msg)} | {haproxy} "
             f"| {db.cpu_us_per_msg:.0f} | {db.round_trips_per_msg:.1f} "
             f"| {s.median('other_pct'):.0f} ({s.median('steal_pct'):.0f}) |")
@@ -257,13 +270,18 @@ def report(summaries: list[Summary], args: argparse.Namespace, sink_kind: str, s
         "Warnings and errors of relayd, PostgreSQL and HAProxy, most frequent first:" if logs
         else "Neither relayd, PostgreSQL nor HAProxy logged a warning or an error."),
         "", *logs, *([""] if logs else [])]
-    return "\n".join(lines + growth_lines(summaries, args) + capacity_lines(summaries, args))
+    return "\n".join(lines + growth_lines(summaries, args) + (
+        [] if args.rate else capacity_lines(summaries, args)))
 
 
 def growth_lines(summaries: list[Summary], args: argparse.Namespace) -> list[str]:
-    """relayd CPU per message at N against N = 1, per front and size."""
+    """relayd CPU per message at N against N = 1, per front and size: over
+    all rounds, and round by round (the two points of a round ran minutes
+    apart at most, so a drift of the machine's speed over the run cancels)."""
     n = args.instances
-    out = [f"### relayd CPU per message, {n} processes against 1 (bound: +{GROWTH:.0%})", ""]
+    out = [f"### relayd CPU per message, {n} processes against 1 (bound: +{GROWTH:.0%})", "",
+           "Pooled: CPU over messages of all rounds; per round: the growth within each "
+           "round, and their median, which the verdict reads.", ""]
     if n == 1:
         return out + ["Only N = 1 was run (--instances 1).", ""]
     for front in args.front:
@@ -272,12 +290,21 @@ def growth_lines(summaries: list[Summary], args: argparse.Namespace) -> list[str
             many = find(summaries, f"{front} x{n}", size, sessions)
             if not (one and many and one.relayd_us and one.rate):
                 continue
-            growth = many.relayd_us / one.relayd_us - 1
+            rounds = paired_growth(one, many)
+            growth = statistics.median(rounds)
             out.append(f"- {front}, {human_size(size)} x {sessions}: {one.relayd_us:.0f} -> "
-                       f"{many.relayd_us:.0f} µs/msg ({growth:+.0%}: "
-                       f"{'met' if growth <= GROWTH else 'NOT met'}); msg/s x{n} / x1 = "
+                       f"{many.relayd_us:.0f} µs/msg pooled "
+                       f"({many.relayd_us / one.relayd_us - 1:+.0%}); per round "
+                       f"{' / '.join(f'{g:+.0%}' for g in rounds)}: median {growth:+.0%} "
+                       f"({'met' if growth <= GROWTH else 'NOT met'}); msg/s x{n} / x1 = "
                        f"{many.rate / one.rate:.2f}")
     return out + [""]
+
+
+def paired_growth(one: Summary, many: Summary) -> list[float]:
+    """Each round's relayd CPU per message at N over N = 1's, minus 1."""
+    return [(b.cpu_s / b.msgs) / (a.cpu_s / a.msgs) - 1
+            for a, b in zip(one.points, many.points) if a.msgs and b.msgs and a.cpu_s]
 
 
 def capacity_lines(summaries: list[Summary], args: argparse.Namespace) -> list[str]:

@@ -30,9 +30,9 @@ import aiosmtplib
 import yaml
 
 from . import loadgen
+from .procfs import cpu_seconds, cpu_times, machine_cpu, own_cpu, reset_peak_rss, rss_kib, switches
 
 HERE = Path(__file__).resolve().parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 USER_VISIBLE_TIMEOUT = 10.0     # seconds a new SMTP user may take to reach every instance
 
 
@@ -171,54 +171,6 @@ def relayd_fleet(workdir: Path, count: int, database: str | None = None,
             relayd.stop()
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK   # utime + stime
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """The numeric fields of /proc/PID/status, each its first number (kB for
-    the memory ones)."""
-    fields: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        first = value.split()[:1]
-        if first and first[0].isdigit():
-            fields[key] = int(first[0])
-    return fields
-
-
-def switches(pid: int) -> tuple[int, int]:
-    """(voluntary, involuntary) context switches of ``pid``'s main thread:
-    for relayd, its event loop's sleeps in epoll_wait (a wake-up each) and
-    the times the kernel took the core from it."""
-    status = proc_status(pid)
-    return status["voluntary_ctxt_switches"], status["nonvoluntary_ctxt_switches"]
-
-
-def machine_cpu() -> tuple[float, float]:
-    """(busy, steal) CPU seconds of the whole machine since boot, all cores
-    (/proc/stat: user + nice + system + irq + softirq; steal)."""
-    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return (f[0] + f[1] + f[2] + f[5] + f[6]) / CLK_TCK, f[7] / CLK_TCK
-
-
-def own_cpu() -> float:
-    """CPU seconds of this process and its reaped children (the load
-    generator's workers once joined, the sink once stopped)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-def rss_kib(pid: int, key: str = "VmRSS") -> int:
-    return proc_status(pid).get(key, 0)
-
-
-def reset_peak_rss(pid: int) -> None:
-    with contextlib.suppress(OSError):
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-
-
 # ---------------------------------------------------------------- provisioning
 
 class UnixHTTP(http.client.HTTPConnection):
@@ -324,6 +276,7 @@ class Point:
     peak_rss_mib: float | None = None         # the largest of them
     cpu_pcts: list[float] = field(default_factory=list)   # each relayd process
     cpu_s: float = 0.0                        # relayd CPU seconds, all processes
+    sys_s: float = 0.0                        # the part of cpu_s spent in the kernel
     db: Any = None                            # what a database meter measured
     other_pct: float = 0.0                    # CPU % of everything else on the machine
     steal_pct: float = 0.0                    # CPU % the hypervisor took
@@ -380,12 +333,14 @@ def measure(job: loadgen.Job, target: str, pids: Sequence[int], processes: int,
     if db is not None:
         db.begin()
     background = Background([*pids, *helpers, *watch])
+    sys0 = sum(cpu_times(pid)[1] for pid in pids)
     cpu0 = [cpu_seconds(pid) for pid in pids]
     switches0 = [switches(pid) for pid in pids]
     watched0 = [cpu_seconds(pid) for pid in watch]
     spy = _py_spy(pids[0], job.duration, profile_to) if pids and profile_to else None
     latencies, errors, wall = loadgen.run(job, processes)
     cpu = [cpu_seconds(pid) - c for pid, c in zip(pids, cpu0)]
+    sys_s = sum(cpu_times(pid)[1] for pid in pids) - sys0
     switched = [(v - v0, i - i0) for (v, i), (v0, i0) in
                 zip((switches(pid) for pid in pids), switches0)]
     watched = [cpu_seconds(pid) - c for pid, c in zip(watch, watched0)]
@@ -403,6 +358,7 @@ def measure(job: loadgen.Job, target: str, pids: Sequence[int], processes: int,
         point.cpu_pcts = [100 * c / wall for c in cpu]
         point.cpu_pct = sum(point.cpu_pcts)
         point.cpu_s = sum(cpu)
+        point.sys_s = sys_s
         point.peak_rss_mib = max(rss_kib(pid, "VmHWM") for pid in pids) / 1024
     if errors:
         print(f"  {len(errors)} session errors, first: {errors[0]}", file=sys.stderr)

@@ -47,7 +47,7 @@ sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))
 from pgcluster import PgCluster, PgClusterError  # noqa: E402
 
 from . import harness  # noqa: E402
-from .harness import CLK_TCK  # noqa: E402
+from .procfs import CLK_TCK  # noqa: E402
 
 DBNAME = "relayd"
 SETTINGS = {"shared_preload_libraries": "pg_stat_statements",

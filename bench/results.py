@@ -17,6 +17,8 @@ MARKERS = {      # block -> (begin, end), in the order of the report
                  "kept by the default run -->", "<!-- end of scale-out -->"),
     "front": ("<!-- front: written by `python -m bench --front ...`, kept by the other runs -->",
               "<!-- end of front -->"),
+    "front_paced": ("<!-- front, paced: written by `python -m bench --front ... --rate R`, "
+                    "kept by the other runs -->", "<!-- end of front, paced -->"),
 }
 BEGIN, END = MARKERS["scaleout"]
 
@@ -37,7 +39,7 @@ def _parts(text: str) -> tuple[str, dict[str, str]]:
 
 def compose(out: Path, matrix: str | None = None, **sections: str | None) -> str:
     """The new report for ``out``: ``matrix`` and/or the named blocks
-    (``scaleout``, ``front``) replace their parts of the old file (None:
+    (``scaleout``, ``front``, ``front_paced``) replace their parts of the old file (None:
     keep the old part), then the analysis."""
     unknown = set(sections) - set(MARKERS)
     if unknown:

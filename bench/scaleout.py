@@ -92,6 +92,13 @@ class Summary:
         return 1e6 * sum(p.cpu_s for p in self.points) / msgs if msgs else math.nan
 
     @property
+    def sys_share(self) -> float:
+        """The part of relayd's CPU spent in the kernel (system calls, and
+        the loopback deliveries and wake-ups they cause)."""
+        cpu = sum(p.cpu_s for p in self.points)
+        return sum(p.sys_s for p in self.points) / cpu if cpu else math.nan
+
+    @property
     def switches_per_msg(self) -> tuple[float, float]:
         """relayd's (voluntary, involuntary) context switches per message."""
         msgs = sum(p.msgs for p in self.points) or 1
@@ -160,7 +167,7 @@ def run_point(args: argparse.Namespace, config: Config, fleet: list[Relayd], own
     """One point; ``helpers``: the bench's other processes (sink, idle relayds)."""
     logins = tuple(fresh_user(fleet, owner) for _ in range(args.users))
     job = loadgen.Job(port=tuple(r.port for r in fleet), sessions=sessions, size=size,
-                      duration=args.duration, logins=logins)
+                      duration=args.duration, logins=logins, client=args.client)
     point = measure(job, config.label, [r.pid for r in fleet], args.processes, db=meter,
                     helpers=helpers)
     progress(config.label, point)
@@ -244,7 +251,7 @@ def header_lines(args: argparse.Namespace, started: float, sink_kind: str, versi
             "; every process SCHED_BATCH (`--sched batch`: no preemption on wake-up)"
             if args.sched == "batch" else ""),
         f"- command: `{' '.join(['python -m bench'] + sys.argv[1:])}`",
-        f"- sink: {sink_kind}; load generator: aiosmtplib, {args.processes} processes, AUTH "
+        f"- sink: {sink_kind}; load generator: {args.client}, {args.processes} processes, AUTH "
         f"PLAIN, {spread}; {args.duration:g} s per point, "
         f"{args.repeats} interleaved round(s) per configuration (order rotated each round); "
         "medians of the rounds, CPU per message over all of them",

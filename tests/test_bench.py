@@ -76,16 +76,23 @@ def test_bench_scale_out_smoke_run(tmp_path: Path):
     assert "session errors" not in r.stderr, r.stderr[-2000:]
 
 
-@pytest.mark.parametrize("front", ["haproxy", "reuseport"])
-def test_bench_front_smoke_run(tmp_path: Path, front: str):
+RATE = 20      # msg/s per relayd process: far below what even one session sends back to back
+
+
+@pytest.mark.parametrize("front,more", [
+    ("haproxy", []),
+    ("reuseport", ["--client", "lean", "--rate", str(RATE)]),
+])
+def test_bench_front_smoke_run(tmp_path: Path, front: str, more: list[str]):
     """``--front``: two relayd processes on PostgreSQL behind HAProxy
-    (examples/haproxy.cfg) or on one SO_REUSEPORT port, N = 1 and 2."""
+    (examples/haproxy.cfg) or on one SO_REUSEPORT port, N = 1 and 2; on
+    SO_REUSEPORT with the lean client, paced (``--rate`` per process)."""
     out = tmp_path / "RESULTS.md"
     out.write_text("# relayd benchmark results\n\nthe matrix's table\n")
     r = subprocess.run(
         [sys.executable, "-m", "bench", "--front", front, "--instances", "2",
-         "--duration", "0.5", "--sizes", "1024", "--sessions", "2", "--repeats", "1",
-         "--processes", "1", "--sink", "aiosmtpd", "--out", str(out)],
+         "--duration", "1", "--sizes", "1024", "--sessions", "2", "--repeats", "1",
+         "--processes", "1", "--sink", "aiosmtpd", "--out", str(out), *more],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     report = out.read_text()
@@ -97,7 +104,10 @@ def test_bench_front_smoke_run(tmp_path: Path, front: str):
     assert set(rows) == {f"{front} x1", f"{front} x2"}, report
     for label, cells in rows.items():
         assert float(cells[4]) > 0, f"{label} delivered messages"
-        assert float(cells[8]) > 0, f"{label}: relayd CPU per message"
+        if more:        # paced: x1 offers RATE msg/s, x2 twice that
+            assert float(cells[4]) <= RATE * int(label[-1]) * 1.3, f"{label} was paced"
+        cpu_us, kernel = cells[8].split()
+        assert float(cpu_us) > 0 and 0 < float(kernel.strip("(%)")) < 100, cells[8]
         wakeups, preemptions = (float(x) for x in cells[9].split(" / "))
         assert wakeups > 0 and preemptions >= 0, cells
         postgres_us, round_trips = (float(x) for x in cells[11:13])
@@ -106,6 +116,21 @@ def test_bench_front_smoke_run(tmp_path: Path, front: str):
     assert len(rows[f"{front} x2"][7].split("+")) == 2, "each process's CPU"
     measured = report.split("## Analysis (hand-written")[0]      # not the prose after it
     assert f"- {front}, 1 KB x 2: " in measured and "(bound: +10%)" in measured
-    assert "16 cores on paper" in measured and f"| {front}, 1 KB |" in measured
+    assert "µs/msg pooled (" in measured and ": median " in measured, "the growth per round"
+    assert f"load generator: {'lean' if more else 'aiosmtplib'}, 1 processes" in measured
+    if more:        # its own block, the closed loop's (none here) kept
+        assert f"PostgreSQL, paced at {RATE} msg/s per relayd process" in measured
+        assert "<!-- end of front, paced -->" in measured and "16 cores on paper" not in measured
+    else:
+        assert "PostgreSQL, closed loop" in measured and "<!-- end of front -->" in measured
+        assert "16 cores on paper" in measured and f"| {front}, 1 KB |" in measured
     assert report.count("## Analysis (hand-written") == 1
     assert "session errors" not in r.stderr, r.stderr[-2000:]
+
+
+def test_lean_client_dot_stuffs_like_rfc_5321():
+    """RFC 5321 4.5.2: a line starting with a period gets one more; the
+    message ends in CRLF.CRLF."""
+    from bench.loadgen import dot_stuffed
+    assert dot_stuffed(b".a\r\nb\r\n..c") == b"..a\r\nb\r\n...c\r\n.\r\n"
+    assert dot_stuffed(b"a\r\n.\r\n") == b"a\r\n..\r\n.\r\n", "no empty line added"
