@@ -107,7 +107,8 @@ def test_bench_front_smoke_run(tmp_path: Path, front: str, more: list[str]):
         if more:        # paced: x1 offers RATE msg/s, x2 twice that
             assert float(cells[4]) <= RATE * int(label[-1]) * 1.3, f"{label} was paced"
         cpu_us, kernel = cells[8].split()
-        assert float(cpu_us) > 0 and 0 < float(kernel.strip("(%)")) < 100, cells[8]
+        # the kernel's share, in clock ticks of 10 ms: a 1 s paced point may have none
+        assert float(cpu_us) > 0 and 0 <= float(kernel.strip("(%)")) <= 100, cells[8]
         wakeups, preemptions = (float(x) for x in cells[9].split(" / "))
         assert wakeups > 0 and preemptions >= 0, cells
         postgres_us, round_trips = (float(x) for x in cells[11:13])
