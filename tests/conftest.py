@@ -24,6 +24,7 @@ import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from helpers_records import Tenant, create_tenant
+from helpers_upstream import KeywordUpstream, KeywordProtocol
 from relayd import config as config_mod
 from relayd import maillog
 from relayd.daemon import Relay
@@ -357,3 +358,21 @@ async def owner(admin: AdminClient) -> Owner:
 async def other(admin: AdminClient) -> Owner:
     """A second owner, for tenant isolation."""
     return await new_owner(admin)
+
+
+@pytest.fixture
+async def upstream():
+    """upstream(keywords, **script) -> a started KeywordUpstream on loopback."""
+    servers: list[asyncio.AbstractServer] = []
+
+    async def make(keywords: list[str], **script: Any) -> KeywordUpstream:
+        up = KeywordUpstream(list(keywords), **script)
+        server = await asyncio.get_running_loop().create_server(
+            lambda: KeywordProtocol(up), "127.0.0.1", 0)
+        servers.append(server)
+        up.port = server.sockets[0].getsockname()[1]
+        return up
+
+    yield make
+    for s in servers:
+        s.close()

@@ -21,6 +21,9 @@ from typing import Any
 # is a failure anyway; a passing test never waits for it.
 READ_TIMEOUT = 15.0
 
+# 10 000 pipelined RCPTs, each a different recipient.
+TEN_THOUSAND = b"".join(b"RCPT TO:<r%d@example.net>\r\n" % i for i in range(10_000))
+
 
 @dataclass
 class Reply:
@@ -161,6 +164,31 @@ async def open_data(client: RawSMTP, sender: str = "app@example.com",
     assert (await client.cmd(f"MAIL FROM:<{sender}>")).code == 250
     assert (await client.cmd(f"RCPT TO:<{rcpt}>")).code == 250
     assert (await client.cmd("DATA")).code == 354
+
+
+def printable(reply: Reply) -> bool:
+    """Every line of ``reply`` printable US-ASCII (RFC 5321 4.2: nothing raw echoed)."""
+    return all(text.isascii() and text.isprintable() for text in reply.lines if text)
+
+
+async def rest(c: RawSMTP) -> bytes:
+    """Everything relayd still sends until it closes the connection."""
+    out = b""
+    try:
+        while chunk := await asyncio.wait_for(c.reader.read(65536), 15):
+            out += chunk
+    except ConnectionError:
+        pass
+    return out
+
+
+async def still_answers(relay: Any) -> None:
+    """relayd still greets, answers EHLO and QUIT on a new connection."""
+    c = await RawSMTP.open(relay.smtp_ports[0])
+    assert c.banner is not None and c.banner.code == 220, c.banner
+    await c.ehlo()
+    assert (await c.cmd("QUIT")).code == 221
+    await c.close()
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
