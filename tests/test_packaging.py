@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from queue import Empty, Queue
+from typing import Any
 
 import pytest
 import trustme
@@ -340,21 +341,14 @@ def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
     sock.close()
 
 
-def test_daemon_honours_the_unit_contract(tmp_path: Path, notify_socket: tuple[socket.socket, str]) -> None:
-    """Type=notify, ExecReload=kill -HUP, SIGTERM drain, MemoryDenyWriteExecute=yes
-    and the unit's SystemCallFilter=, against the real relayd (uvloop, TLS,
-    SQLite, the metrics listener) on loopback; and the Docker HEALTHCHECK
-    command against its /healthz."""
-    if not mdwe_supported():
-        pytest.skip("the kernel has no PR_SET_MDWE (Linux < 6.3): cannot emulate "
-                    "MemoryDenyWriteExecute=yes")
-    ca = trustme.CA()
+def daemon_config(tmp_path: Path, ca: trustme.CA) -> dict[str, Any]:
+    """A STARTTLS and an implicit-TLS listener with a cert from ``ca``, a
+    metrics listener (for /healthz), state under ``tmp_path``."""
     leaf = ca.issue_cert("relay.test", "127.0.0.1")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     leaf.private_key_and_cert_chain_pem.write_to_path(str(cert))
     leaf.private_key_pem.write_to_path(str(key))
-    cfg_path = tmp_path / "relayd.yaml"
-    cfg = {
+    return {
         "listen": [{"address": "127.0.0.1:0", "tls": "starttls"},
                    {"address": "127.0.0.1:0", "tls": "implicit"}],
         "tls": {"cert": str(cert), "key": str(key)},
@@ -364,6 +358,36 @@ def test_daemon_honours_the_unit_contract(tmp_path: Path, notify_socket: tuple[s
         "metrics": {"listen": f"127.0.0.1:{free_port()}"},
         "drain_timeout": 5,
     }
+
+
+def assert_tls_listeners(ports: list[int], ca: trustme.CA) -> None:
+    """STARTTLS on ``ports[0]`` (AUTH only after it), implicit TLS on ``ports[1]``."""
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+    with smtplib.SMTP("127.0.0.1", ports[0], local_hostname="client.test", timeout=10) as s:
+        s.ehlo()
+        assert s.has_extn("starttls") and not s.has_extn("auth")
+        s.starttls(context=client_tls)
+        s.ehlo()
+        assert "PLAIN" in s.esmtp_features.get("auth", "")
+    with smtplib.SMTP_SSL("127.0.0.1", ports[1], local_hostname="client.test",
+                          context=client_tls, timeout=10) as s:
+        code, _ = s.ehlo()
+        assert code == 250
+
+
+def test_daemon_honours_the_unit_contract(tmp_path: Path,
+                                          notify_socket: tuple[socket.socket, str]) -> None:
+    """Type=notify, ExecReload=kill -HUP, SIGTERM drain, MemoryDenyWriteExecute=yes
+    and the unit's SystemCallFilter=, against the real relayd (uvloop, TLS,
+    SQLite, the metrics listener) on loopback; and the Docker HEALTHCHECK
+    command against its /healthz."""
+    if not mdwe_supported():
+        pytest.skip("the kernel has no PR_SET_MDWE (Linux < 6.3): cannot emulate "
+                    "MemoryDenyWriteExecute=yes")
+    ca = trustme.CA()
+    cfg_path = tmp_path / "relayd.yaml"
+    cfg = daemon_config(tmp_path, ca)
     cfg_path.write_text(yaml.safe_dump(cfg))
     sock, path = notify_socket
     env = {k: v for k, v in os.environ.items() if k != config.ENV_VAR}
@@ -376,18 +400,7 @@ def test_daemon_honours_the_unit_contract(tmp_path: Path, notify_socket: tuple[s
         assert daemon.notification(sock) == b"READY=1"        # only after every listener is bound
         assert daemon.proc.poll() is None
 
-        client_tls = ssl.create_default_context()
-        ca.configure_trust(client_tls)
-        with smtplib.SMTP("127.0.0.1", ports[0], local_hostname="client.test", timeout=10) as s:
-            s.ehlo()
-            assert s.has_extn("starttls") and not s.has_extn("auth")
-            s.starttls(context=client_tls)
-            s.ehlo()
-            assert "PLAIN" in s.esmtp_features.get("auth", "")
-        with smtplib.SMTP_SSL("127.0.0.1", ports[1], local_hostname="client.test",
-                              context=client_tls, timeout=10) as s:
-            code, _ = s.ehlo()
-            assert code == 250
+        assert_tls_listeners(ports, ca)     # the TLS handshakes under MDWE
 
         # the image's HEALTHCHECK, pointed at this relayd's metrics listener
         probe = healthcheck_argv()[2].replace("127.0.0.1:9587", cfg["metrics"]["listen"])
