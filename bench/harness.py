@@ -333,14 +333,14 @@ def measure(job: loadgen.Job, target: str, pids: Sequence[int], processes: int,
     if db is not None:
         db.begin()
     background = Background([*pids, *helpers, *watch])
-    sys0 = sum(cpu_times(pid)[1] for pid in pids)
-    cpu0 = [cpu_seconds(pid) for pid in pids]
+    times0 = [cpu_times(pid) for pid in pids]        # (user, system) of each
     switches0 = [switches(pid) for pid in pids]
     watched0 = [cpu_seconds(pid) for pid in watch]
     spy = _py_spy(pids[0], job.duration, profile_to) if pids and profile_to else None
     latencies, errors, wall = loadgen.run(job, processes)
-    cpu = [cpu_seconds(pid) - c for pid, c in zip(pids, cpu0)]
-    sys_s = sum(cpu_times(pid)[1] for pid in pids) - sys0
+    times = [(u - u0, k - k0) for (u, k), (u0, k0) in
+             zip((cpu_times(pid) for pid in pids), times0)]
+    cpu = [u + k for u, k in times]
     switched = [(v - v0, i - i0) for (v, i), (v0, i0) in
                 zip((switches(pid) for pid in pids), switches0)]
     watched = [cpu_seconds(pid) - c for pid, c in zip(watch, watched0)]
@@ -358,7 +358,7 @@ def measure(job: loadgen.Job, target: str, pids: Sequence[int], processes: int,
         point.cpu_pcts = [100 * c / wall for c in cpu]
         point.cpu_pct = sum(point.cpu_pcts)
         point.cpu_s = sum(cpu)
-        point.sys_s = sys_s
+        point.sys_s = sum(k for _, k in times)
         point.peak_rss_mib = max(rss_kib(pid, "VmHWM") for pid in pids) / 1024
     if errors:
         print(f"  {len(errors)} session errors, first: {errors[0]}", file=sys.stderr)

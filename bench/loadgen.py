@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import aiosmtplib
 
+from relayd.wire import wire_data
+
 MAX_MESSAGES_PER_SESSION = 1_000_000     # a bound on every loop, besides the deadline
 
 
@@ -134,11 +136,9 @@ class LeanClient:
 
 
 def dot_stuffed(message: bytes) -> bytes:
-    """The DATA bytes of ``message`` (CRLF line ends): dot-stuffed, then the
-    final dot on a line of its own."""
-    stuffed = b"\r\n".join(b"." + ln if ln.startswith(b".") else ln
-                            for ln in message.split(b"\r\n"))
-    return stuffed + (b".\r\n" if stuffed.endswith(b"\r\n") else b"\r\n.\r\n")
+    """The DATA bytes of ``message``: dot-stuffed, then the final dot on a
+    line of its own (relayd's own framing of what it relays upstream)."""
+    return b"".join(wire_data(message))
 
 
 async def _session(job: Job, session: int, message: bytes, start_at: float, deadline: float,

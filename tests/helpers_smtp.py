@@ -175,7 +175,7 @@ async def rest(c: RawSMTP) -> bytes:
     """Everything relayd still sends until it closes the connection."""
     out = b""
     try:
-        while chunk := await asyncio.wait_for(c.reader.read(65536), 15):
+        while chunk := await asyncio.wait_for(c.reader.read(65536), READ_TIMEOUT):
             out += chunk
     except ConnectionError:
         pass
